@@ -1,0 +1,38 @@
+"""esc-ao: ESC calibration and full integer quantization of speech models in PT2E."""
+
+from esc_ao.config import METHODS, QuantConfig
+from esc_ao.observers import (
+    EntropyObserver,
+    EscObserver,
+    MaxObserver,
+    MSEObserver,
+    NonFiniteActivationError,
+    PerChannelWeightObserver,
+    PercentileObserver,
+    observer_mode,
+)
+from esc_ao.pipeline import CalibrationDataError, ExportError, convert, export_model, observe, prepare
+from esc_ao.quantizer import EscQuantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "CalibrationDataError",
+    "EntropyObserver",
+    "EscObserver",
+    "EscQuantizer",
+    "ExportError",
+    "MSEObserver",
+    "MaxObserver",
+    "NonFiniteActivationError",
+    "PerChannelWeightObserver",
+    "PercentileObserver",
+    "QuantConfig",
+    "__version__",
+    "convert",
+    "export_model",
+    "observe",
+    "observer_mode",
+    "prepare",
+]

@@ -1,0 +1,127 @@
+"""Which ATen ops are quantized, and how: an explicit table op -> role.
+
+Roles:
+* ``weighted``: linear / conv1d / conv2d (grouped and depthwise included). Input 0 is a
+  per-tensor activation, input 1 a per-output-channel weight; the bias stays float.
+* ``binary``: attention matmuls (scores and context), residual add, mul, sub: every
+  tensor operand is a per-tensor activation (a scalar operand, as in scores * 1/sqrt(d),
+  folds into the requantization scale and is not quantized).
+* ``norm``: layer_norm: input and output quantized; its affine parameters stay float.
+* ``passthrough``: view / permute / transpose / ...: they move values without changing
+  them, so their output shares the input's quantization parameters. They are annotated
+  only where a quantized op consumes them, so no useless quantize/dequantize pair appears.
+
+Ops not in the table (GELU, SiLU, GLU, softmax, ...) compute in float; their outputs are
+quantized wherever they feed a quantized op, because that op's input is annotated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.fx import Node
+from torchao.quantization.pt2e.quantizer import (
+    QuantizationAnnotation,
+    QuantizationSpec,
+    SharedQuantizationSpec,
+)
+
+__all__ = ["ANNOTATION_KEY", "OP_ROLES", "Role", "Specs", "annotate_node", "float_tensor_inputs"]
+
+aten = torch.ops.aten
+ANNOTATION_KEY = "quantization_annotation"
+
+Role = Literal["weighted", "binary", "norm", "passthrough"]
+
+OP_ROLES: dict[object, Role] = {
+    aten.linear.default: "weighted",
+    aten.conv1d.default: "weighted",
+    aten.conv2d.default: "weighted",
+    aten.matmul.default: "binary",
+    aten.bmm.default: "binary",
+    aten.mm.default: "binary",
+    aten.add.Tensor: "binary",
+    aten.sub.Tensor: "binary",
+    aten.mul.Tensor: "binary",
+    aten.layer_norm.default: "norm",
+    aten.view.default: "passthrough",
+    aten.reshape.default: "passthrough",
+    aten.permute.default: "passthrough",
+    aten.transpose.int: "passthrough",
+    aten.t.default: "passthrough",
+    aten.unsqueeze.default: "passthrough",
+    aten.squeeze.dim: "passthrough",
+    aten.flatten.using_ints: "passthrough",
+    aten.unflatten.int: "passthrough",
+    aten.contiguous.default: "passthrough",
+    aten.clone.default: "passthrough",
+    aten.select.int: "passthrough",
+    aten.slice.Tensor: "passthrough",
+    aten.expand.default: "passthrough",
+    aten.dropout.default: "passthrough",
+}
+
+
+@dataclass(frozen=True)
+class Specs:
+    """The QuantizationSpec objects of one QuantConfig. The same objects are reused for
+    every node so that prepare_pt2e's implicit sharing (equal specs on the edges of one
+    producer) gives one observer per tensor."""
+
+    activation: QuantizationSpec
+    weight: QuantizationSpec
+
+
+def float_tensor_inputs(node: Node) -> list[Node]:
+    """Inputs of a node that are floating-point tensors, in argument order."""
+    out = []
+    for arg in node.args:
+        if isinstance(arg, Node) and _is_float_tensor(arg):
+            out.append(arg)
+    return out
+
+
+def _is_float_tensor(node: Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def annotate_node(node: Node, role: Role, specs: Specs) -> bool:
+    """Writes the quantization annotation of one node; returns False when the node has
+    nothing to quantize (e.g. a mul by a scalar)."""
+    if not _is_float_tensor(node):
+        return False
+    act = specs.activation
+    inputs: dict[Node, QuantizationSpec | SharedQuantizationSpec] = {}
+    output = None
+    if role == "weighted":
+        x, w = node.args[0], node.args[1]
+        if not (isinstance(x, Node) and isinstance(w, Node)):
+            return False
+        inputs = {x: act, w: specs.weight}
+    elif role == "binary":
+        tensors = float_tensor_inputs(node)
+        if len(tensors) < 2:
+            return False
+        inputs = {t: act for t in tensors}
+    elif role == "norm":
+        x = node.args[0]
+        if not isinstance(x, Node):
+            return False
+        inputs, output = {x: act}, act
+    else:  # passthrough
+        x = node.args[0]
+        if not isinstance(x, Node) or not _is_float_tensor(x):
+            return False
+        inputs, output = {x: act}, SharedQuantizationSpec((x, node))
+    node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
+        input_qspec_map=inputs, output_qspec=output, _annotated=True
+    )
+    return True
+
+
+def is_annotated(node: Node) -> bool:
+    ann = node.meta.get(ANNOTATION_KEY)
+    return ann is not None and bool(ann._annotated)

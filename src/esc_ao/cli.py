@@ -1,0 +1,77 @@
+"""``esc-ao`` command line: thin layers over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from esc_ao.config import METHODS, QuantConfig
+from esc_ao.job import JobInputs, quantize_job, whisper_default
+
+__all__ = ["main"]
+
+DEFAULT_OUT = Path("esc_ao_out")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="esc-ao", description="Low-bit integer quantization of speech models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model and write the program and a report",
+                       description="With no arguments: Whisper tiny.en's encoder, calibrated on the bundled clips.")
+    q.add_argument("--program", type=Path, help="a saved torch.export program (.pt2) instead of the default model")
+    q.add_argument("--calib-data", type=Path,
+                   help="with --program: torch.save'd list of input tuples (or tensors) to calibrate on")
+    q.add_argument("--method", default="esc", choices=METHODS)
+    q.add_argument("--weight-bits", type=int, default=8, choices=(4, 8))
+    q.add_argument("--act-bits", type=int, default=8, choices=(4, 8))
+    q.add_argument("--affine", action="store_true", help="affine activation grids (default symmetric)")
+    q.add_argument("--calib-clips", type=int, default=None, help="use only the first N bundled calibration clips")
+    q.add_argument("--keep-float", action="append", default=[], metavar="MODULE",
+                   help="qualified module name to leave in float (repeatable), e.g. encoder.blocks.3")
+    q.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    return p
+
+
+def _program_inputs(program: Path, calib: Path | None) -> tuple[JobInputs, torch.fx.GraphModule]:
+    if calib is None:
+        raise SystemExit("--program needs --calib-data: a torch.save'd list of input tuples")
+    if not program.is_file():
+        raise SystemExit(f"--program {program}: no such file")
+    gm = torch.export.load(str(program)).module()
+    data = torch.load(calib, weights_only=True)
+    if not isinstance(data, (list, tuple)) or not data:
+        raise SystemExit(f"--calib-data {calib}: expected a non-empty list of input tuples, got {type(data).__name__}")
+    batches = [b if isinstance(b, tuple) else (b,) for b in data]
+    split = max(1, len(batches) - max(1, len(batches) // 8))
+    return JobInputs(program.stem, gm, batches[:split], batches[split:] or batches[-1:]), gm
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    config = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method,
+                         act_symmetric=not args.affine)
+    if args.program is not None:
+        inputs, graph = _program_inputs(args.program, args.calib_data)
+    else:
+        inputs, graph = whisper_default(args.calib_clips), None
+    report = quantize_job(inputs, config, args.out, keep_float=args.keep_float, graph=graph)
+    print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
+          f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json "
+          f"({report['total_seconds']:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "quantize":
+        return _quantize(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Graph rewrites run before annotation, so that speech-model graphs can be fully quantized.
+
+* ``drop_noop_casts``: ``aten.to.dtype`` to the dtype a tensor already has (openai-whisper's
+  Linear/Conv1d/LayerNorm cast their weights to the input dtype) and the
+  ``_assert_tensor_metadata`` checks export puts before them. Left in, they would sit between
+  a weight and its linear, hiding the weight from per-channel annotation.
+* ``decompose_sdpa``: ``scaled_dot_product_attention`` becomes matmul -> scale -> (mask) ->
+  softmax -> matmul, so both attention matmuls (scores and context) can be quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import GraphModule, Node
+
+__all__ = ["decompose_sdpa", "drop_noop_casts"]
+
+aten = torch.ops.aten
+
+
+def drop_noop_casts(gm: GraphModule) -> int:
+    """Removes dtype casts that do not change the dtype; returns how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+            continue
+        if node.target in (aten.to.dtype, aten._to_copy.default) and _is_noop_cast(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return removed
+
+
+def _is_noop_cast(node: Node) -> bool:
+    src = node.args[0]
+    if not isinstance(src, Node):
+        return False
+    val_in, val_out = src.meta.get("val"), node.meta.get("val")
+    if not isinstance(val_in, torch.Tensor) or not isinstance(val_out, torch.Tensor):
+        return False
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "copy")}
+    return val_in.dtype == val_out.dtype and val_in.device == val_out.device and not any(
+        v not in (None, False) for k, v in extra.items() if k != "memory_format"
+    )
+
+
+def decompose_sdpa(gm: GraphModule) -> int:
+    """Rewrites every scaled_dot_product_attention node; returns how many were rewritten.
+
+    Raises:
+        NotImplementedError: for dropout_p > 0 (calibrate in eval mode) or enable_gqa.
+    """
+    count = 0
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten.scaled_dot_product_attention.default:
+            _rewrite_sdpa(gm, node, fake_mode)
+            count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def _sdpa_args(node: Node) -> dict[str, Any]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False,
+                                "scale": None, "enable_gqa": False}
+    args = dict(defaults)
+    args.update(zip(names, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
+    a = _sdpa_args(node)
+    if a["dropout_p"] or a["enable_gqa"]:
+        raise NotImplementedError(
+            f"{node.name}: scaled_dot_product_attention with dropout_p={a['dropout_p']} / "
+            f"enable_gqa={a['enable_gqa']} cannot be decomposed for quantization: export the "
+            "model in eval mode without grouped-query attention"
+        )
+    q, k, v = a["query"], a["key"], a["value"]
+    q_val, k_val = q.meta["val"], k.meta["val"]
+    length, source = q_val.shape[-2], k_val.shape[-2]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q_val.shape[-1])
+    g = gm.graph
+
+    def emit(target: Callable[..., Any], *args: Any) -> Node:
+        new = g.call_function(target, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        vals = [x.meta["val"] if isinstance(x, Node) else x for x in args]
+        with fake_mode:
+            new.meta["val"] = target(*vals)
+        return new
+
+    with g.inserting_before(node):
+        scores = emit(aten.matmul.default, q, emit(aten.transpose.int, k, -2, -1))
+        scores = emit(aten.mul.Tensor, scores, float(scale))
+        if a["is_causal"]:
+            scores = emit(aten.add.Tensor, scores, _causal_mask(gm, length, source, fake_mode, node))
+        mask = a["attn_mask"]
+        if isinstance(mask, Node):
+            if mask.meta["val"].dtype == torch.bool:
+                scores = emit(aten.masked_fill.Scalar, scores, emit(aten.logical_not.default, mask),
+                              float("-inf"))
+            else:
+                scores = emit(aten.add.Tensor, scores, mask)
+        probs = emit(aten.softmax.int, scores, -1)
+        out = emit(aten.matmul.default, probs, v)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def _causal_mask(gm: GraphModule, length: int, source: int, fake_mode: Any, like: Node) -> Node:
+    # SDPA's is_causal keeps the lower-left triangle (torch.ones(L, S).tril()).
+    name = f"_esc_causal_mask_{length}x{source}"
+    if not hasattr(gm, name):
+        mask = torch.full((length, source), float("-inf")).triu(1)
+        gm.register_buffer(name, mask)
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = fake_mode.from_tensor(getattr(gm, name))
+    return node

@@ -1,0 +1,158 @@
+"""The main job: quantize a model end to end and write the program and a report.
+
+``quantize_job`` works for any exportable model; ``whisper_default`` supplies the embedded
+default (Whisper tiny.en's encoder and the bundled clips).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from esc_ao.config import QuantConfig
+from esc_ao.pipeline import Batch, as_batches, convert, export_model, observe, prepare, save_program
+from esc_ao.quantizer import EscQuantizer
+from esc_ao.report import (
+    layer_sqnr,
+    observer_stats,
+    output_sqnr,
+    weight_bytes,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+__all__ = ["JobInputs", "quantize_job", "whisper_default"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobInputs:
+    """A model and its data: calibration batches, and held-out batches to report on."""
+
+    name: str
+    model: torch.nn.Module
+    calibration: list[Batch]
+    heldout: list[Batch]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def whisper_default(n_calibration: int | None = None) -> JobInputs:
+    """Whisper tiny.en's encoder, the bundled calibration clips and held-out clips (the
+    held-out clips are voices calibration never hears)."""
+    from esc_ao.speech import WhisperEncoder, bundled_clips, load_whisper_tiny_en, whisper_mel
+
+    calib = bundled_clips("calibration")
+    if n_calibration is not None:
+        if not 1 <= n_calibration <= len(calib):
+            raise ValueError(f"n_calibration={n_calibration} must lie in 1..{len(calib)} (bundled clips)")
+        calib = calib[:n_calibration]
+    held = bundled_clips("heldout")
+    encoder = WhisperEncoder(load_whisper_tiny_en()).eval()
+    return JobInputs(
+        name="whisper-tiny.en-encoder",
+        model=encoder,
+        calibration=[(whisper_mel(c.audio),) for c in calib],
+        heldout=[(whisper_mel(c.audio),) for c in held],
+        notes={"calibration_voices": sorted({c.voice for c in calib}),
+               "heldout_voices": sorted({c.voice for c in held})},
+    )
+
+
+def quantize_job(
+    inputs: JobInputs,
+    config: QuantConfig,
+    out_dir: Path | None,
+    keep_float: Sequence[str] = (),
+    graph: GraphModule | None = None,
+) -> dict[str, Any]:
+    """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
+    and ``report.md`` into ``out_dir`` (nothing is written when it is None).
+
+    Args:
+        keep_float: qualified module names left in float.
+        graph: an already exported graph (e.g. loaded from a .pt2); exported from
+            ``inputs.model`` when None.
+    """
+    t0 = time.perf_counter()
+    calibration = as_batches(inputs.calibration)
+    heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
+    gm = graph if graph is not None else export_model(inputs.model, calibration[0])
+    quantizer = EscQuantizer(config)
+    for name in keep_float:
+        quantizer.set_module_name(name, None)
+    prepared = prepare(gm, quantizer)
+    observe(prepared, calibration)
+    t_calib = time.perf_counter() - t0
+    quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
+    per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
+    converted = convert(prepared)
+    report: dict[str, Any] = {
+        "model": inputs.name,
+        "config": {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "method": config.method,
+                   "act_symmetric": config.act_symmetric, "label": config.label},
+        "keep_float": list(keep_float),
+        "calibration_batches": len(calibration),
+        "heldout_batches": len(heldout),
+        "output_sqnr_db": output_sqnr(inputs.model, converted, heldout),
+        "calibration_seconds": round(t_calib, 2),
+        "layers": [
+            {"node": r.node, "op": r.op, "module": r.module, "quantized": r.quantized, "reason": r.reason,
+             "sqnr_db": per_layer.get(r.node)}
+            for r in quantizer.records()
+        ],
+        "activations": observer_stats(prepared),
+        "size": weight_bytes(prepared, config.weight_bits),
+        "notes": inputs.notes,
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report["size"]["program_file_bytes"] = save_program(converted, calibration[0], out_dir / "model.pt2")
+        write_json_atomic(out_dir / "report.json", report)
+        write_text_atomic(out_dir / "report.md", render_markdown(report))
+    report["total_seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: summary, per-layer SQNR, activation ranges."""
+    cfg, size = report["config"], report["size"]
+    lines = [
+        f"# esc-ao quantization report: {report['model']}",
+        "",
+        f"- config: {cfg['label']}, method {cfg['method']}, "
+        f"{'symmetric' if cfg['act_symmetric'] else 'affine'} activations",
+        f"- calibration batches: {report['calibration_batches']}, held-out batches: {report['heldout_batches']}",
+        f"- output SQNR vs float (held-out): **{_fmt(report['output_sqnr_db'])} dB**",
+        f"- weights: {size['float32_bytes'] / 1e6:.2f} MB float32 -> {size['quantized_bytes'] / 1e6:.2f} MB "
+        f"at {cfg['weight_bits']} bits"
+        + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
+        f"- kept float: {', '.join(report['keep_float']) or 'nothing'}",
+        "",
+        "## Layers (SQNR of each op's output, quantized vs float, first held-out batch)",
+        "",
+        "| node | op | module | state | SQNR dB | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["layers"]:
+        state = cfg["label"] if row["quantized"] else "float"
+        lines.append(f"| {row['node']} | {row['op']} | {row['module']} | {state} | {_fmt(row['sqnr_db'])} | "
+                     f"{row['reason']} |")
+    lines += ["", "## Activation ranges", "", "| observer | min | max | threshold | clip ratio | scale |",
+              "|---|---|---|---|---|---|"]
+    for a in report["activations"]:
+        a = a if isinstance(a, dict) else a.__dict__
+        lines.append(f"| {a['label']} | {a['min']:.4g} | {a['max']:.4g} | {a['threshold']:.4g} | "
+                     f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,332 @@
+"""torchao PT2E observers for speech-model activations and weights.
+
+Activation observers (per-tensor) share one statistic, a mergeable histogram of the tensor
+(see ``histogram.py``), and differ only in how they pick the clipping threshold T:
+
+* ``MaxObserver``: T = max |x|.
+* ``PercentileObserver``: T = the given percentile of |x| (default 99.99).
+* ``EntropyObserver``: T minimising KL(P || Q) (TensorRT's calibrator).
+* ``MSEObserver``: T minimising the tensor's own quantization MSE.
+* ``EscObserver``: starts from the MSE threshold and exposes its scale as a settable
+  parameter, so a search can write a candidate and evaluate the model in one forward.
+
+Every observer has two switches: ``observing`` (record statistics) and ``fake_quant``
+(return the quantize-dequantize of x with the current scale, computed exactly as
+``convert_pt2e``'s quantize_per_tensor / dequantize_per_tensor pair does). With observing
+off and fake_quant on, the prepared model *is* the quantized model, so per-layer SQNR and
+search candidates cost one forward pass and no convert.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+
+from esc_ao.histogram import (
+    SignedHistogram,
+    entropy_threshold,
+    mse_threshold,
+    percentile_threshold,
+)
+
+__all__ = [
+    "ActivationObserver",
+    "EntropyObserver",
+    "EscObserver",
+    "MSEObserver",
+    "MaxObserver",
+    "NonFiniteActivationError",
+    "PerChannelWeightObserver",
+    "PercentileObserver",
+    "iter_observers",
+    "observer_mode",
+    "qrange",
+]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteActivationError(ValueError):
+    """A calibration batch produced NaN or Inf at an observed tensor."""
+
+
+def qrange(bits: int, *, weight: bool = False) -> tuple[int, int]:
+    """Integer grid of a tensor: int8 [-128, 127] (weights [-127, 127], symmetric as
+    XNNPACK expects), or a 4-bit grid stored in int8, [-8, 7]."""
+    if bits == 8:
+        return (-127, 127) if weight else (-128, 127)
+    if bits == 4:
+        return (-8, 7)
+    raise ValueError(f"bits={bits!r} is not supported: use 8 or 4")
+
+
+def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """quantize_per_tensor followed by dequantize_per_tensor, op for op as convert_pt2e
+    emits them (multiply by 1/scale, round half to even, clamp), so the simulated model
+    and the converted one agree bit for bit."""
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class ActivationObserver(UniformQuantizationObserverBase):
+    """Per-tensor activation observer; subclasses choose the clipping threshold.
+
+    Built by ``prepare_pt2e`` from a QuantizationSpec's fields (dtype, quant_min,
+    quant_max, qscheme, ...) plus the keyword arguments bound with ``with_args``.
+    """
+
+    method = "max"
+    _needs_histogram = True
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_tensor_symmetric,
+        quant_min: int | None = -128,
+        quant_max: int | None = 127,
+        *,
+        histogram_bins: int = 2048,
+        percentile: float = 99.99,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("ch_axis", None)
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        if qscheme not in (torch.per_tensor_symmetric, torch.per_tensor_affine):
+            raise ValueError(f"{type(self).__name__} is per-tensor; got qscheme={qscheme}")
+        self.percentile = percentile
+        self.histogram = SignedHistogram(histogram_bins)
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.label = "unlabelled"  # set by the quantizer: the graph edge this observer watches
+        self.observing = True
+        self.fake_quant = False
+        self._scale_override: float | None = None
+        self._cached: tuple[float, int] | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qscheme == torch.per_tensor_symmetric
+
+    @property
+    def seen(self) -> bool:
+        return bool(torch.isfinite(self.min_val))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+        if self.fake_quant:
+            scale, zp = self.qparams()
+            return fake_quantize(x, scale, zp, self.quant_min, self.quant_max)
+        return x
+
+    def _observe(self, x: torch.Tensor) -> None:
+        xd = x.detach()
+        if xd.numel() == 0:
+            return
+        if not bool(torch.isfinite(xd).all()):
+            bad = "NaN" if bool(torch.isnan(xd).any()) else "Inf"
+            raise NonFiniteActivationError(
+                f"calibration produced {bad} at {self.label}: check the calibration batches "
+                "(and the float model on them) for non-finite values before calibrating"
+            )
+        self.min_val = torch.minimum(self.min_val, xd.min().float())
+        self.max_val = torch.maximum(self.max_val, xd.max().float())
+        if self._needs_histogram:
+            self.histogram.update(xd)
+        self._cached = None
+
+    # --- thresholds --------------------------------------------------------------
+    @property
+    def amax(self) -> float:
+        if not self.seen:
+            return 0.0
+        return max(abs(float(self.min_val)), abs(float(self.max_val)))
+
+    def threshold(self) -> float:
+        """Clipping value T on |x| chosen by this observer's method."""
+        return self.amax
+
+    def clip_range(self) -> tuple[float, float]:
+        """Range [lo, hi] that the integer grid covers (symmetric: [-T, T])."""
+        t = self.threshold()
+        if self.symmetric:
+            return -t, t
+        lo = max(float(self.min_val), -t) if self.seen else 0.0
+        hi = min(float(self.max_val), t) if self.seen else 0.0
+        return min(lo, 0.0), max(hi, 0.0)
+
+    def method_qparams(self) -> tuple[float, int]:
+        """(scale, zero_point) from the statistics alone, ignoring any override."""
+        lo, hi = self.clip_range()
+        eps = float(self.eps)
+        if self.symmetric:
+            # Symmetric grid: 0 maps to 0 and +T to quant_max (127, or 7 at 4 bits).
+            return max(hi / self.quant_max, eps), 0
+        scale = max((hi - lo) / (self.quant_max - self.quant_min), eps)
+        zp = int(round(self.quant_min - lo / scale))
+        return scale, min(max(zp, self.quant_min), self.quant_max)
+
+    def qparams(self) -> tuple[float, int]:
+        """(scale, zero_point) in force: the override if one is set, else the method's."""
+        if self._cached is None:
+            scale, zp = self.method_qparams()
+            if self._scale_override is not None:
+                scale = self._scale_override
+            self._cached = (scale, zp)
+        return self._cached
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        scale, zp = self.qparams()
+        return torch.tensor([scale], dtype=torch.float32), torch.tensor([zp], dtype=torch.int32)
+
+    def _folded(self) -> tuple[Any, float]:
+        return self.histogram.folded()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, label={self.label}, qrange=[{self.quant_min}, {self.quant_max}]"
+
+
+class MaxObserver(ActivationObserver):
+    """T = max |x| (exact running min/max; no histogram needed)."""
+
+    method = "max"
+    _needs_histogram = False
+
+
+class PercentileObserver(ActivationObserver):
+    """T = the ``percentile`` of |x| over all batches (histogram resolution)."""
+
+    method = "percentile"
+
+    def threshold(self) -> float:
+        folded, width = self._folded()
+        return percentile_threshold(folded, width, self.amax, self.percentile)
+
+
+class EntropyObserver(ActivationObserver):
+    """T minimising the KL divergence between the clipped and quantized histograms."""
+
+    method = "entropy"
+
+    def threshold(self) -> float:
+        folded, width = self._folded()
+        return entropy_threshold(folded, width, self.amax, self.quant_max)
+
+
+class MSEObserver(ActivationObserver):
+    """T minimising the tensor's own quantization MSE (swept over multiples of max)."""
+
+    method = "mse"
+
+    def threshold(self) -> float:
+        folded, width = self._folded()
+        return mse_threshold(folded, width, self.amax, self.quant_max)
+
+
+class EscObserver(MSEObserver):
+    """ESC's observer: the MSE threshold as a start, and a scale a search may set.
+
+    ``set_scale`` overrides the scale the statistics give (``None`` goes back to them);
+    ``init_scale`` is the local-step starting point the search centres on.
+    """
+
+    method = "esc"
+
+    @property
+    def init_scale(self) -> float:
+        return self.method_qparams()[0]
+
+    @property
+    def scale(self) -> float:
+        return self.qparams()[0]
+
+    def set_scale(self, scale: float | None) -> None:
+        if scale is not None and not (scale > 0.0 and scale < float("inf")):
+            raise ValueError(f"scale={scale!r} for {self.label} must be finite and > 0")
+        self._scale_override = None if scale is None else float(scale)
+        self._cached = None
+
+
+class PerChannelWeightObserver(UniformQuantizationObserverBase):
+    """Per-output-channel symmetric weight observer: scale_c = max|w_c| / quant_max.
+
+    Unlike torch's symmetric formula (max / ((qmax - qmin) / 2), i.e. max / 7.5 at 4 bits,
+    which clips the largest weight to 7), this maps the largest weight exactly onto
+    quant_max. The class name contains "PerChannel" so prepare_pt2e passes ch_axis.
+    """
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_channel_symmetric,
+        quant_min: int | None = -127,
+        quant_max: int | None = 127,
+        ch_axis: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        self.ch_axis = ch_axis
+        self.register_buffer("absmax", torch.tensor([]))
+        self.label = "unlabelled"
+        self.observing = True
+        self.fake_quant = False
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            wd = w.detach().float().transpose(0, self.ch_axis).reshape(w.shape[self.ch_axis], -1)
+            if not bool(torch.isfinite(wd).all()):
+                raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
+            amax = wd.abs().amax(dim=1)
+            self.absmax = amax if self.absmax.numel() == 0 else torch.maximum(self.absmax, amax)
+        if self.fake_quant:
+            scale, zp = self.calculate_qparams()
+            q = torch.ops.quantized_decomposed.quantize_per_channel(
+                w, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+            )
+            return torch.ops.quantized_decomposed.dequantize_per_channel(
+                q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+            )
+        return w
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if self.absmax.numel() == 0:
+            raise RuntimeError(f"weight observer {self.label} has seen no weight: run the model once")
+        scale = torch.clamp(self.absmax / self.quant_max, min=float(self.eps))
+        return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+
+Observer = ActivationObserver | PerChannelWeightObserver
+
+
+def iter_observers(model: torch.nn.Module) -> Iterator[tuple[str, Observer]]:
+    """The esc_ao observers of a prepared model, by module name, in graph order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (ActivationObserver, PerChannelWeightObserver)):
+            yield name, module
+
+
+class observer_mode:  # noqa: N801 - used as a context manager, reads like a function
+    """Context manager switching every esc_ao observer of a model, restored on exit.
+
+    Example:
+        with observer_mode(prepared, observing=False, fake_quant=True):
+            y_q = prepared(x)   # the quantized model, simulated
+    """
+
+    def __init__(self, model: torch.nn.Module, *, observing: bool, fake_quant: bool) -> None:
+        self._observers = [obs for _, obs in iter_observers(model)]
+        self._new = (observing, fake_quant)
+        self._old: list[tuple[bool, bool]] = []
+
+    def __enter__(self) -> "observer_mode":
+        self._old = [(o.observing, o.fake_quant) for o in self._observers]
+        for o in self._observers:
+            o.observing, o.fake_quant = self._new
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for o, (observing, fake_quant) in zip(self._observers, self._old):
+            o.observing, o.fake_quant = observing, fake_quant

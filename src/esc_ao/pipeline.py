@@ -1,0 +1,152 @@
+"""The PT2E flow as plain calls: export -> prepare -> observe -> convert -> save.
+
+Each step is usable alone; each turns the failures users hit into exceptions that name
+the value and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch.fx import GraphModule
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantizer import Quantizer
+
+from esc_ao.observers import iter_observers, observer_mode
+
+__all__ = [
+    "CalibrationDataError",
+    "ExportError",
+    "Batch",
+    "as_batches",
+    "convert",
+    "export_model",
+    "observe",
+    "prepare",
+    "save_program",
+]
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Any, ...]
+
+
+class ExportError(RuntimeError):
+    """torch.export could not capture the model."""
+
+
+class CalibrationDataError(ValueError):
+    """The calibration data cannot be used."""
+
+
+_HELPERS = (
+    "for torchaudio's Conformer use esc_ao.speech.ExportableConformer, for wav2vec2 "
+    "esc_ao.speech.ExportableWav2Vec2, for openai-whisper esc_ao.speech.WhisperEncoder / "
+    "WhisperDecoderForScoring"
+)
+
+
+def export_model(model: torch.nn.Module, example_inputs: Batch) -> GraphModule:
+    """torch.export the model (eval mode) and return the graph module PT2E works on.
+
+    Raises:
+        ExportError: naming the failing operation and pointing to the speech helpers.
+    """
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}")
+    model = model.eval()
+    try:
+        program = torch.export.export(model, example_inputs)
+    except Exception as exc:  # torch raises many types here; all mean "not exportable"
+        raise ExportError(
+            f"torch.export failed on {type(model).__name__}: {_first_lines(exc)}\n"
+            f"Make the forward traceable (no .item(), no data-dependent Python control flow); {_HELPERS}."
+        ) from exc
+    return program.module()
+
+
+def _first_lines(exc: BaseException, n: int = 3) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return " | ".join(lines[:n]) if lines else type(exc).__name__
+
+
+def prepare(gm: GraphModule, quantizer: Quantizer) -> GraphModule:
+    """prepare_pt2e with a check that it was handed an exported graph."""
+    if not isinstance(gm, GraphModule):
+        raise TypeError(
+            f"prepare expects the GraphModule of torch.export.export(...).module(), got "
+            f"{type(gm).__name__}: call esc_ao.export_model(model, example_inputs) first"
+        )
+    return prepare_pt2e(gm, quantizer)
+
+
+def as_batches(data: Iterable[Any]) -> list[Batch]:
+    """Normalises calibration data to a list of input tuples.
+
+    Raises:
+        CalibrationDataError: no batches.
+    """
+    batches = [b if isinstance(b, tuple) else (b,) for b in data]
+    if not batches:
+        raise CalibrationDataError(
+            "no calibration batches: pass a non-empty list of model inputs "
+            "(the ESC paper uses 100 utterances from the training split)"
+        )
+    return batches
+
+
+@torch.no_grad()
+def observe(prepared: GraphModule, data: Iterable[Any]) -> int:
+    """Runs the calibration batches through the prepared model so observers record
+    statistics; returns the number of batches.
+
+    Raises:
+        CalibrationDataError: no batches, or no esc_ao/torchao observer in the model.
+        NonFiniteActivationError: a batch produced NaN/Inf (names the tensor).
+    """
+    batches = as_batches(data)
+    if not any(True for _ in iter_observers(prepared)) and not _has_any_observer(prepared):
+        raise CalibrationDataError(
+            "the model has no observers: pass the output of prepare_pt2e (not the float or converted model)"
+        )
+    with observer_mode(prepared, observing=True, fake_quant=False):
+        for batch in batches:
+            prepared(*batch)
+    return len(batches)
+
+
+def _has_any_observer(model: torch.nn.Module) -> bool:
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    return any(isinstance(m, ObserverBase) for m in model.modules())
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """convert_pt2e after turning fake-quant off (the observers become q/dq ops)."""
+    with observer_mode(prepared, observing=False, fake_quant=False):
+        return convert_pt2e(prepared)
+
+
+def save_program(model: torch.nn.Module, example_inputs: Sequence[Any], path: Path) -> int:
+    """torch.export the (converted) model and save it atomically; returns the file size.
+
+    Nothing is left at ``path`` if any step fails.
+    """
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    program = torch.export.export(model, tuple(example_inputs))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path.stat().st_size

@@ -1,0 +1,239 @@
+"""EscQuantizer: a torchao PT2E Quantizer for full integer quantization of speech models.
+
+Usage:
+    gm = torch.export.export(model, example_inputs).module()
+    quantizer = EscQuantizer(QuantConfig(weight_bits=8, act_bits=8, method="esc"))
+    quantizer.set_module_name("blocks.3", None)        # keep the last block float
+    prepared = prepare_pt2e(gm, quantizer)
+    ...calibrate...
+    converted = convert_pt2e(prepared)
+    print(quantizer.report())                           # what was quantized, and why not
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
+
+from esc_ao.annotators import OP_ROLES, Role, Specs, annotate_node, is_annotated
+from esc_ao.config import QuantConfig
+from esc_ao.graph_prep import decompose_sdpa, drop_noop_casts
+from esc_ao.observers import (
+    ActivationObserver,
+    EntropyObserver,
+    EscObserver,
+    MaxObserver,
+    MSEObserver,
+    PerChannelWeightObserver,
+    PercentileObserver,
+    qrange,
+)
+
+__all__ = ["AnnotationRecord", "EscQuantizer"]
+
+_OBSERVER_BY_METHOD: dict[str, type[ActivationObserver]] = {
+    "max": MaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+    "esc": EscObserver,
+}
+
+# Float ops whose outputs are worth naming in the report: they compute in float, and
+# their outputs are quantized by the quantized ops that consume them.
+_FLOAT_COMPUTE = {
+    "aten.gelu.default", "aten.silu.default", "aten.glu.default", "aten.softmax.int",
+    "aten._softmax.default", "aten.sigmoid.default", "aten.tanh.default", "aten.relu.default",
+    "aten.group_norm.default", "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
+    "aten.embedding.default", "aten.div.Tensor", "aten.masked_fill.Scalar",
+}
+
+
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """One line of the quantization report."""
+
+    node: str
+    op: str
+    module: str
+    quantized: bool
+    config: str
+    reason: str
+
+
+def _module_path(node: Node) -> list[tuple[str, str]]:
+    """(qualified name, type name) of the modules a node was traced in, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for name, typ in stack.values():
+        type_name = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+        out.append((str(name), type_name))
+    return out
+
+
+def _type_key(module_type: type | str) -> str:
+    if isinstance(module_type, str):
+        return module_type
+    if isinstance(module_type, type):
+        return f"{module_type.__module__}.{module_type.__qualname__}"
+    raise TypeError(f"module_type={module_type!r} must be a class or its qualified name string")
+
+
+class EscQuantizer(Quantizer):
+    """Annotates an exported graph for full integer quantization.
+
+    Args:
+        config: the global QuantConfig; overrides by module name (highest priority) and
+            by module type refine it; an override of ``None`` keeps those modules float.
+    """
+
+    def __init__(self, config: QuantConfig | None = None) -> None:
+        super().__init__()
+        self.global_config: QuantConfig | None = config if config is not None else QuantConfig()
+        self.module_name_config: dict[str, QuantConfig | None] = {}
+        self.module_type_config: dict[str, QuantConfig | None] = {}
+        self._specs: dict[QuantConfig, Specs] = {}
+        self._records: list[AnnotationRecord] = []
+        self.observer_labels: dict[str, list[str]] = {}
+
+    # --- configuration ----------------------------------------------------------------
+    def set_global(self, config: QuantConfig | None) -> "EscQuantizer":
+        self.global_config = config
+        return self
+
+    def set_module_name(self, name: str, config: QuantConfig | None) -> "EscQuantizer":
+        """Config for the module with this qualified name and everything inside it."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"module name {name!r} must be a non-empty qualified name such as 'blocks.3'")
+        self.module_name_config[name] = config
+        return self
+
+    def set_module_type(self, module_type: type | str, config: QuantConfig | None) -> "EscQuantizer":
+        """Config for every module of this class (or qualified class-name string)."""
+        self.module_type_config[_type_key(module_type)] = config
+        return self
+
+    def config_for(self, node: Node) -> tuple[QuantConfig | None, str]:
+        """The config in force for a node and where it came from."""
+        path = _module_path(node)
+        # Innermost match wins within each kind; names beat types (most specific first).
+        for name, _ in reversed(path):
+            if name in self.module_name_config:
+                return self.module_name_config[name], f"module name '{name}'"
+        for _, type_name in reversed(path):
+            if type_name in self.module_type_config:
+                return self.module_type_config[type_name], f"module type {type_name}"
+        return self.global_config, "global"
+
+    def specs(self, config: QuantConfig) -> Specs:
+        """The (cached, hence shared) specs of one config."""
+        if config not in self._specs:
+            self._specs[config] = _build_specs(config)
+        return self._specs[config]
+
+    # --- Quantizer contract -----------------------------------------------------------
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        drop_noop_casts(model)
+        decompose_sdpa(model)
+        return model
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        self._records = []
+        # Reverse order: a passthrough node is annotated only if a consumer already is.
+        for node in reversed(list(model.graph.nodes)):
+            if node.op != "call_function":
+                continue
+            record = self._annotate_one(node)
+            if record is not None:
+                self._records.append(record)
+        self._records.reverse()
+        return model
+
+    def _annotate_one(self, node: Node) -> AnnotationRecord | None:
+        op = str(node.target)
+        role: Role | None = OP_ROLES.get(node.target)
+        module = _module_path(node)[-1][0] if _module_path(node) else ""
+        if role is None:
+            if op in _FLOAT_COMPUTE:
+                return AnnotationRecord(node.name, op, module, False, "-",
+                                        "computed in float; output quantized where a quantized op consumes it")
+            return None
+        config, source = self.config_for(node)
+        if role == "passthrough":
+            if config is None or not any(is_annotated(u) for u in node.users):
+                return None
+            annotate_node(node, role, self.specs(config))
+            return None  # passthroughs are not worth a report line
+        if config is None:
+            return AnnotationRecord(node.name, op, module, False, "float", f"kept float by {source}")
+        if not annotate_node(node, role, self.specs(config)):
+            return AnnotationRecord(node.name, op, module, False, "float",
+                                    "fewer than two tensor operands (scalar operand folds into the scale)")
+        detail = {"weighted": "per-channel weight, per-tensor input",
+                  "binary": "per-tensor inputs", "norm": "per-tensor input and output"}[role]
+        return AnnotationRecord(node.name, op, module, True, config.label,
+                                f"{config.method} calibration, {detail} ({source})")
+
+    def validate(self, model: GraphModule) -> None:
+        return None
+
+    def prepare_obs_or_fq_callback(self, model: GraphModule, edge_or_node_to_obs_or_fq: dict[Any, Any]) -> None:
+        # Name each observer after the graph edges it watches, so errors and reports can
+        # say "NaN at linear_3 input x" rather than "activation_post_process_17".
+        labels: dict[int, list[str]] = {}
+        for key, obs in edge_or_node_to_obs_or_fq.items():
+            if isinstance(key, Node):
+                text = f"output of {key.name}"
+            else:
+                text = f"{key[1].name} input {key[0].name}"
+            labels.setdefault(id(obs), []).append(text)
+        for obs in {id(o): o for o in edge_or_node_to_obs_or_fq.values()}.values():
+            if isinstance(obs, (ActivationObserver, PerChannelWeightObserver)):
+                names = labels[id(obs)]
+                obs.label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} shared)"
+                self.observer_labels[obs.label] = names
+
+    # --- report -----------------------------------------------------------------------
+    def records(self) -> list[AnnotationRecord]:
+        """What the last ``annotate`` quantized and what it left float, with reasons."""
+        return list(self._records)
+
+    def report(self) -> str:
+        """The records as an aligned, human-readable table."""
+        if not self._records:
+            return "nothing annotated yet: run prepare_pt2e(model, quantizer) first"
+        q = sum(r.quantized for r in self._records)
+        lines = [f"{q} of {len(self._records)} compute ops quantized", ""]
+        width = max(len(r.node) for r in self._records)
+        for r in self._records:
+            state = r.config if r.quantized else "float"
+            lines.append(f"{r.node:<{width}}  {state:<5}  {r.op:<28}  {r.module:<32}  {r.reason}")
+        return "\n".join(lines)
+
+
+def _build_specs(config: QuantConfig) -> Specs:
+    qmin, qmax = qrange(config.act_bits)
+    observer = _OBSERVER_BY_METHOD[config.method]
+    act = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=qmin,
+        quant_max=qmax,
+        qscheme=torch.per_tensor_symmetric if config.act_symmetric else torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=observer.with_args(
+            histogram_bins=config.histogram_bins, percentile=config.percentile
+        ),
+    )
+    wmin, wmax = qrange(config.weight_bits, weight=True)
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=wmin,
+        quant_max=wmax,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        observer_or_fake_quant_ctr=PerChannelWeightObserver,
+    )
+    return Specs(activation=act, weight=weight)

@@ -1,0 +1,161 @@
+"""Per-layer report: activation ranges, per-layer and output SQNR against float, size.
+
+SQNR is measured on the prepared model itself: observers switched to fake-quant make it
+the quantized model, switched off make it the float model, so both runs share one graph
+and node names line up exactly (no matching of float and converted graphs needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
+from esc_ao.pipeline import Batch
+
+__all__ = [
+    "ObserverStats",
+    "layer_sqnr",
+    "observer_stats",
+    "output_sqnr",
+    "sqnr_db",
+    "weight_bytes",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise); +inf for an exact match."""
+    if noise_power <= 0.0:
+        return math.inf
+    if signal_power <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+class _Capture(Interpreter):
+    def __init__(self, gm: GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names = names
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.names and isinstance(result, torch.Tensor):
+            self.outputs[n.name] = result.detach()
+        return result
+
+
+@torch.no_grad()
+def layer_sqnr(prepared: GraphModule, batches: Iterable[Batch], nodes: list[str]) -> dict[str, float]:
+    """SQNR (dB) of each named node's output, quantized vs float, pooled over batches."""
+    power: dict[str, list[float]] = {n: [0.0, 0.0] for n in nodes}
+    for batch in batches:
+        runs = []
+        for fq in (False, True):
+            with observer_mode(prepared, observing=False, fake_quant=fq):
+                cap = _Capture(prepared, set(nodes))
+                cap.run(*batch)
+                runs.append(cap.outputs)
+        ref, quant = runs
+        for name in nodes:
+            if name in ref:
+                r = ref[name].float()
+                power[name][0] += float(r.pow(2).sum())
+                power[name][1] += float((r - quant[name].float()).pow(2).sum())
+    return {n: sqnr_db(s, e) for n, (s, e) in power.items()}
+
+
+@torch.no_grad()
+def output_sqnr(reference: torch.nn.Module, quantized: torch.nn.Module, batches: Iterable[Batch]) -> float:
+    """SQNR (dB) of all model outputs, pooled over batches."""
+    signal = noise = 0.0
+    for batch in batches:
+        for r, q in zip(_tensors(reference(*batch)), _tensors(quantized(*batch))):
+            signal += float(r.float().pow(2).sum())
+            noise += float((r.float() - q.float()).pow(2).sum())
+    return sqnr_db(signal, noise)
+
+
+@dataclass(frozen=True)
+class ObserverStats:
+    """What one activation observer saw and chose."""
+
+    label: str
+    method: str
+    min: float
+    max: float
+    threshold: float
+    scale: float
+    zero_point: int
+    clip_ratio: float  # threshold / max|x|: 1 means no clipping
+
+    @classmethod
+    def of(cls, obs: ActivationObserver) -> "ObserverStats":
+        scale, zp = obs.qparams()
+        amax = obs.amax
+        lo, hi = obs.clip_range()
+        threshold = max(-lo, hi)
+        return cls(obs.label, obs.method, float(obs.min_val), float(obs.max_val), threshold, scale, zp,
+                   threshold / amax if amax > 0 else 1.0)
+
+
+def observer_stats(prepared: torch.nn.Module) -> list[ObserverStats]:
+    """Stats of every activation observer, in graph order."""
+    return [ObserverStats.of(o) for _, o in iter_observers(prepared) if isinstance(o, ActivationObserver)]
+
+
+def weight_bytes(prepared: torch.nn.Module, weight_bits: int) -> dict[str, int]:
+    """Bytes of the quantized weights at ``weight_bits`` (plus one float32 scale per channel)
+    against the same weights in float32."""
+    n_weights = n_channels = 0
+    for _, obs in iter_observers(prepared):
+        if isinstance(obs, PerChannelWeightObserver) and obs.absmax.numel():
+            n_channels += obs.absmax.numel()
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), PerChannelWeightObserver):
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+            if isinstance(val, torch.Tensor):
+                n_weights += val.numel()
+    return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_weights * weight_bits + 7) // 8 + 4 * n_channels}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    def default(o: Any) -> Any:
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=default, allow_nan=True) + "\n")
