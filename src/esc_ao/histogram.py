@@ -22,7 +22,7 @@ __all__ = [
     "quantization_mse",
 ]
 
-_EMPTY_LOG2_RANGE = -100  # range used while only zeros have been seen
+_EMPTY_LOG2_RANGE = -149  # float32's smallest subnormal: a batch of zeros after real data
 _MSE_GRID = 200  # candidate thresholds T = max * j / _MSE_GRID, j = 1.._MSE_GRID
 _KL_CANDIDATES = 256  # at most this many KL thresholds are evaluated
 
@@ -38,10 +38,11 @@ class SignedHistogram:
         self.bins = bins
         self.counts = torch.zeros(2 * bins, dtype=torch.int64)
         self.log2_range: int | None = None
+        self.pending_zeros = 0
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        return int(self.counts.sum()) + self.pending_zeros
 
     @property
     def bin_width(self) -> float:
@@ -55,6 +56,11 @@ class SignedHistogram:
         if x.numel() == 0:
             return
         amax = float(x.abs().max())
+        if amax == 0.0 and self.log2_range is None:
+            # Only zeros so far: any range would do now but could be too coarse for a later
+            # tiny batch, so wait; zeros always land in bin N whatever the range.
+            self.pending_zeros += x.numel()
+            return
         # frexp: amax = m * 2**e with m in [0.5, 1), so 2**e is the smallest power of two > amax.
         needed = math.frexp(amax)[1] if amax > 0 else _EMPTY_LOG2_RANGE
         if self.log2_range is None:
@@ -62,9 +68,13 @@ class SignedHistogram:
         elif needed > self.log2_range:
             self._coarsen(needed - self.log2_range)
             self.log2_range = needed
-        width = self.bin_width
-        idx = torch.floor(x / width).to(torch.int64) + self.bins
+        # float64: the width can be below float32's smallest subnormal for tiny tensors;
+        # division by a power of two is exact in either precision otherwise.
+        idx = torch.floor(x.double() / self.bin_width).to(torch.int64) + self.bins
         self.counts += torch.bincount(idx, minlength=2 * self.bins)
+        if self.pending_zeros:
+            self.counts[self.bins] += self.pending_zeros
+            self.pending_zeros = 0
 
     def _coarsen(self, doublings: int) -> None:
         # Bin i covers [(i - N) w, (i - N + 1) w); after k doublings it is bin floor((i - N) / 2**k) + N.
@@ -79,10 +89,13 @@ class SignedHistogram:
         """Histogram of |x|: counts a[b] for |x| in [b w, (b + 1) w], and the width w."""
         c = self.counts.numpy().astype(np.float64)
         n = self.bins
+        if self.pending_zeros:
+            c = c.copy()
+            c[n] += self.pending_zeros
         return c[n:] + c[:n][::-1], self.bin_width
 
     def state(self) -> dict[str, object]:
-        return {"counts": self.counts.clone(), "log2_range": self.log2_range}
+        return {"counts": self.counts.clone(), "log2_range": self.log2_range, "pending_zeros": self.pending_zeros}
 
     def load(self, state: dict[str, object]) -> None:
         counts = state["counts"]
@@ -92,6 +105,7 @@ class SignedHistogram:
         self.counts = counts.clone()
         log2_range = state["log2_range"]
         self.log2_range = None if log2_range is None else int(log2_range)  # type: ignore[arg-type]
+        self.pending_zeros = int(state.get("pending_zeros", 0))  # type: ignore[call-overload]
 
 
 def percentile_threshold(folded: np.ndarray, width: float, amax: float, percentile: float) -> float:

@@ -92,6 +92,8 @@ def quantize_job(
     t_calib = time.perf_counter() - t0
     quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
     per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
+    # Read the observers before convert_pt2e replaces them with quantize/dequantize ops.
+    activations, size = observer_stats(prepared), weight_bytes(prepared, config.weight_bits)
     converted = convert(prepared)
     report: dict[str, Any] = {
         "model": inputs.name,
@@ -107,8 +109,8 @@ def quantize_job(
              "sqnr_db": per_layer.get(r.node)}
             for r in quantizer.records()
         ],
-        "activations": observer_stats(prepared),
-        "size": weight_bytes(prepared, config.weight_bits),
+        "activations": activations,
+        "size": size,
         "notes": inputs.notes,
     }
     if out_dir is not None:

@@ -162,6 +162,11 @@ class ActivationObserver(UniformQuantizationObserverBase):
         """(scale, zero_point) from the statistics alone, ignoring any override."""
         lo, hi = self.clip_range()
         eps = float(self.eps)
+        if self.symmetric and self.seen and float(self.min_val) >= 0.0:
+            # A tensor that never goes negative (softmax probabilities, ReLU outputs)
+            # would waste the negative half of a symmetric grid: give [0, T] all levels,
+            # zero point at quant_min. The grid stays symmetric in spirit (0 is exact).
+            return max(hi / (self.quant_max - self.quant_min), eps), self.quant_min
         if self.symmetric:
             # Symmetric grid: 0 maps to 0 and +T to quant_max (127, or 7 at 4 bits).
             return max(hi / self.quant_max, eps), 0

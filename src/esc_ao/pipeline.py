@@ -129,7 +129,23 @@ def _has_any_observer(model: torch.nn.Module) -> bool:
 def convert(prepared: GraphModule) -> GraphModule:
     """convert_pt2e after turning fake-quant off (the observers become q/dq ops)."""
     with observer_mode(prepared, observing=False, fake_quant=False):
-        return convert_pt2e(prepared)
+        converted = convert_pt2e(prepared)
+    _drop_unused_attributes(converted)
+    return converted
+
+
+def _drop_unused_attributes(gm: GraphModule) -> None:
+    # convert_pt2e folds each weight into an int8 constant but leaves the float parameter
+    # on the module; torch.export would then save both and the "quantized" file would be
+    # larger than the float one. Delete every parameter/buffer no get_attr reads.
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
+    for name in names:
+        if name not in used and not any(u.startswith(name + ".") for u in used):
+            owner_name, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            delattr(owner, attr)
+    gm.delete_all_unused_submodules()
 
 
 def save_program(model: torch.nn.Module, example_inputs: Sequence[Any], path: Path) -> int:

@@ -124,19 +124,26 @@ def observer_stats(prepared: torch.nn.Module) -> list[ObserverStats]:
     return [ObserverStats.of(o) for _, o in iter_observers(prepared) if isinstance(o, ActivationObserver)]
 
 
-def weight_bytes(prepared: torch.nn.Module, weight_bits: int) -> dict[str, int]:
+def weight_bytes(prepared: GraphModule, weight_bits: int) -> dict[str, int]:
     """Bytes of the quantized weights at ``weight_bits`` (plus one float32 scale per channel)
     against the same weights in float32."""
     n_weights = n_channels = 0
-    for _, obs in iter_observers(prepared):
-        if isinstance(obs, PerChannelWeightObserver) and obs.absmax.numel():
-            n_channels += obs.absmax.numel()
     for node in prepared.graph.nodes:
-        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), PerChannelWeightObserver):
-            val = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-            if isinstance(val, torch.Tensor):
-                n_weights += val.numel()
+        if node.op != "call_module":
+            continue
+        obs = prepared.get_submodule(node.target)
+        src = node.args[0]
+        if isinstance(obs, PerChannelWeightObserver) and isinstance(src, Node) and src.op == "get_attr":
+            n_weights += _get_attr(prepared, str(src.target)).numel()
+            n_channels += obs.absmax.numel()
     return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_weights * weight_bits + 7) // 8 + 4 * n_channels}
+
+
+def _get_attr(module: torch.nn.Module, target: str) -> torch.Tensor:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a venv in .venv with the pinned stack, installed in
+# ONE pip run (a later bare install of a torch-dependent package can swap torch 2.14.1
+# for the CPU-only 2.13.0 build, which breaks torchaudio), then esc-ao itself.
+# Idempotent: a venv whose pins already match is reused (about 5 s instead of 2-3 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+stamp=.venv/.esc-ao-lock.sha256
+want=$(sha256sum requirements.lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: creating .venv with the pinned stack (2-3 minutes)"
+  rm -rf .venv
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock.txt -e ".[dev]" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, torchaudio, torchao, executorch, cma, whisper" \
+    || { echo "setup: the installed stack does not import" >&2; exit 1; }
+  echo "$want" > "$stamp"
+else
+  echo "setup: .venv is up to date"
+fi
+.venv/bin/python - <<'PY'
+import torch, torchaudio, torchao, cma
+assert torch.__version__.startswith("2.14.1"), f"torch {torch.__version__}: expected 2.14.1 (rm -rf .venv and rerun)"
+print(f"setup: torch {torch.__version__}, torchaudio {torchaudio.__version__}, torchao {torchao.__version__}, cma {cma.__version__}")
+PY

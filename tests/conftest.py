@@ -1,0 +1,22 @@
+"""Shared fixtures: small seeded speech models and helpers to inspect converted graphs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing when pytest runs alongside other work.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+QDQ_TARGETS = {
+    "quantize": {"quantized_decomposed.quantize_per_tensor.default"},
+    "dequantize": {"quantized_decomposed.dequantize_per_tensor.default",
+                   "quantized_decomposed.dequantize_per_channel.default"},
+}
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)

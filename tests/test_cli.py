@@ -1,0 +1,49 @@
+"""The main job through the command line, and the program it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from esc_ao.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quantize_default_writes_program_and_report(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["quantize", "--method", "mse", "--calib-clips", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "whisper-tiny.en-encoder" and report["calibration_batches"] == 2
+    assert report["heldout_batches"] == 4
+    quantized = [row for row in report["layers"] if row["quantized"]]
+    assert len(quantized) >= 40 and all(row["sqnr_db"] is not None for row in quantized)
+    assert report["size"]["quantized_bytes"] < 0.3 * report["size"]["float32_bytes"]
+    # The saved program holds int8 weights, not the float ones as well.
+    assert report["size"]["program_file_bytes"] < 0.45 * report["size"]["float32_bytes"]
+    md = (out / "report.md").read_text()
+    assert "output SQNR" in md and "| conv1d |" in md
+    program = torch.export.load(str(out / "model.pt2")).module()
+    y = program(torch.zeros(1, 80, 3000))
+    assert y.shape == (1, 1500, 384) and torch.isfinite(y).all()
+    assert "output SQNR" in capsys.readouterr().out
+
+
+def test_quantize_program_file(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+    x = torch.randn(3, 16)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "mlp.pt2"))
+    torch.save([(torch.randn(3, 16),) for _ in range(9)], tmp_path / "calib.pt")
+    out = tmp_path / "out"
+    assert main(["quantize", "--program", str(tmp_path / "mlp.pt2"), "--calib-data", str(tmp_path / "calib.pt"),
+                 "--method", "max", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "mlp" and report["output_sqnr_db"] > 25.0
+
+
+def test_program_without_calibration_data_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--calib-data"):
+        main(["quantize", "--program", str(tmp_path / "x.pt2")])

@@ -1,0 +1,88 @@
+"""Pretrained Whisper tiny.en: the CTranslate2 loader against the CTranslate2 runtime,
+the export helpers, and full quantization of the real encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
+from esc_ao.report import output_sqnr
+from esc_ao.speech import WhisperDecoderForScoring, WhisperEncoder, bundled_clips, load_whisper_tiny_en, whisper_mel
+from esc_ao.speech.ct2_whisper import ct2_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return load_whisper_tiny_en()
+
+
+@pytest.fixture(scope="module")
+def mels() -> list[torch.Tensor]:
+    return [whisper_mel(c.audio) for c in bundled_clips()[:2] + bundled_clips("heldout")[:1]]
+
+
+def test_encoder_matches_ctranslate2_runtime(model, mels) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    runtime = ctranslate2.models.Whisper(str(ct2_model_dir()), device="cpu", compute_type="float32")
+    ref = np.array(runtime.encode(ctranslate2.StorageView.from_array(mels[0].numpy()), to_cpu=True))
+    with torch.no_grad():
+        ours = model.encoder(mels[0]).numpy()
+    # float32 on both sides, different kernels: measured max difference 5e-5 on features of magnitude ~11.
+    assert np.abs(ref - ours).max() < 1e-3
+
+
+def test_greedy_decoding_matches_ctranslate2(model, mels) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    runtime = ctranslate2.models.Whisper(str(ct2_model_dir()), device="cpu", compute_type="float32")
+    prompt = [50257, 50362]  # <|startoftranscript|> <|notimestamps|> of tiny.en
+    ref = runtime.generate(ctranslate2.StorageView.from_array(mels[0].numpy()), [prompt], beam_size=1,
+                           max_length=40, return_scores=False)[0].sequences_ids[0]
+    scorer = WhisperDecoderForScoring(model).eval()
+    tokens = list(prompt)
+    with torch.no_grad():
+        features = model.encoder(mels[0])
+        for _ in range(len(ref) + 1):
+            nxt = int(scorer(torch.tensor([tokens]), features)[0, -1].argmax())
+            if nxt == 50256:  # <|endoftext|>
+                break
+            tokens.append(nxt)
+    assert tokens[len(prompt):] == ref
+
+
+def test_decoder_scorer_exports_and_quantizes(model, mels) -> None:
+    scorer = WhisperDecoderForScoring(model).eval()
+    with torch.no_grad():
+        features = model.encoder(mels[0])
+    tokens = torch.tensor([[50257, 50362, 440, 2068, 7586]])
+    prepared = prepare(export_model(scorer, (tokens, features)), EscQuantizer(QuantConfig(method="mse")))
+    observe(prepared, [(tokens, features)])
+    converted = convert(prepared)
+    ops = [str(n.target) for n in converted.graph.nodes]
+    assert "aten.scaled_dot_product_attention.default" not in ops  # decomposed, so quantizable
+    assert ops.count("aten.matmul.default") == 4 * 2 * 2  # 4 blocks x (self, cross) x (scores, context)
+    ref = scorer(tokens, features)
+    assert converted(tokens, features).shape == ref.shape
+
+
+# Whisper tiny.en's encoder fully quantized collapses with every per-tensor calibration
+# (measured W8A8 output SQNR below 3 dB for all four baselines: the residual stream
+# entering the last LayerNorm spans 600+ vs a p99.9 of ~37). Keeping the last block and
+# ln_post float recovers a healthy encoder; measured 19-25 dB on the held-out clip.
+def test_encoder_w8a8_fully_quantized_and_with_last_block_float(model, mels) -> None:
+    encoder = WhisperEncoder(model).eval()
+    calib, held = [(m,) for m in mels[:2]], [(mels[2],)]
+    sqnrs = {}
+    for keep in ((), ("encoder.blocks.3", "encoder.ln_post")):
+        quantizer = EscQuantizer(QuantConfig(method="mse"))
+        for name in keep:
+            quantizer.set_module_name(name, None)
+        prepared = prepare(export_model(encoder, calib[0]), quantizer)
+        observe(prepared, calib)
+        sqnrs[keep] = output_sqnr(encoder, convert(prepared), held)
+    print(f"whisper encoder w8a8 mse: full {sqnrs[()]:.2f} dB, last block float {sqnrs[keep]:.2f} dB")
+    assert sqnrs[keep] > 15.0
+    assert sqnrs[keep] > sqnrs[()] + 10.0
