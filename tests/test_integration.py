@@ -127,3 +127,15 @@ def test_keeping_a_module_float_removes_its_quantization() -> None:
     bad = unquantized_compute(converted)
     assert bad and all(n in {r.node for r in float_rows} or n.rstrip(" (output)") in {r.node for r in float_rows}
                        for n in bad)
+
+
+def test_fake_quant_prepared_model_equals_converted_model_bit_for_bit() -> None:
+    from esc_ao import observer_mode
+
+    model, batches = conformer()
+    prepared = prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(weight_bits=4, act_bits=8)))
+    observe(prepared, batches[:2])
+    with torch.no_grad(), observer_mode(prepared, observing=False, fake_quant=True):
+        simulated = prepared(*batches[2])
+    converted = convert(prepared)
+    assert torch.equal(simulated, converted(*batches[2]))

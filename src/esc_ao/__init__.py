@@ -1,6 +1,7 @@
 """esc-ao: ESC calibration and full integer quantization of speech models in PT2E."""
 
-from esc_ao.config import METHODS, QuantConfig
+from esc_ao.calibrate import CalibrationResult, calibrate
+from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.observers import (
     EntropyObserver,
     EscObserver,
@@ -29,6 +30,9 @@ __all__ = [
     "PerChannelWeightObserver",
     "PercentileObserver",
     "QuantConfig",
+    "SearchConfig",
+    "CalibrationResult",
+    "calibrate",
     "__version__",
     "convert",
     "export_model",

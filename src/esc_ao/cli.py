@@ -10,12 +10,16 @@ from typing import Sequence
 
 import torch
 
-from esc_ao.config import METHODS, QuantConfig
+from esc_ao.config import METHODS, QuantConfig, SearchConfig
+from esc_ao.objectives import objective_by_name
 from esc_ao.job import JobInputs, quantize_job, whisper_default
 
 __all__ = ["main"]
 
 DEFAULT_OUT = Path("esc_ao_out")
+# The main job's default search: small enough to finish in minutes on 2 cores (see README).
+DEFAULT_BUDGET = 8
+DEFAULT_POPSIZE = 8
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", action="append", default=[], metavar="MODULE",
                    help="qualified module name to leave in float (repeatable), e.g. encoder.blocks.3")
     q.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    e = q.add_argument_group("ESC search (--method esc)")
+    e.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)")
+    e.add_argument("--popsize", type=int, default=DEFAULT_POPSIZE, help=f"candidates per generation (default {DEFAULT_POPSIZE})")
+    e.add_argument("--sigma0", type=float, default=0.1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--objective", default="mse", choices=("mse", "kl"),
+                   help="mse: output noise-to-signal vs float; kl: softmax KL of logits")
+    e.add_argument("--checkpoint", type=Path, help="search state file, written each generation; resumed if present")
+    b = sub.add_parser("bench", help="benchmarks that write docs/results/")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bb = bsub.add_parser("baselines", help="Whisper tiny.en encoder output SQNR for every method and bit width")
+    bb.add_argument("--calib-clips", type=int, default=None)
+    bb.add_argument("--out", type=Path, default=Path("docs/results"))
     return p
 
 
@@ -58,7 +76,9 @@ def _quantize(args: argparse.Namespace) -> int:
         inputs, graph = _program_inputs(args.program, args.calib_data)
     else:
         inputs, graph = whisper_default(args.calib_clips), None
-    report = quantize_job(inputs, config, args.out, keep_float=args.keep_float, graph=graph)
+    search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
+    report = quantize_job(inputs, config, args.out, keep_float=args.keep_float, graph=graph, search=search,
+                          objective=objective_by_name(args.objective), checkpoint=args.checkpoint)
     print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
           f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json "
           f"({report['total_seconds']:.0f} s)")
@@ -70,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command == "bench" and args.bench == "baselines":
+        from esc_ao.bench.baselines import run_baselines
+
+        run_baselines(args.out, args.calib_clips)
+        return 0
     return 2
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["METHODS", "QuantConfig"]
+__all__ = ["METHODS", "QuantConfig", "SearchConfig"]
 
 # Activation calibration methods, in the order of the ESC paper's baselines.
 METHODS: tuple[str, ...] = ("max", "percentile", "entropy", "mse", "esc")
@@ -64,3 +64,48 @@ class QuantConfig:
     def label(self) -> str:
         """Short name such as ``w8a8``."""
         return f"w{self.weight_bits}a{self.act_bits}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """ESC's search: the local MSE step, then CMA-ES over log scale multipliers.
+
+    Args:
+        sigma0: initial CMA-ES step size in log-scale units (the paper's 0.1).
+        popsize: candidates per generation; None takes pycma's default 4 + 3 ln(N).
+        budget: CMA-ES generations (the paper's budget of 100); 0 runs the local step only.
+        seed: seeds pycma (and so every candidate); the same seed gives the same scales.
+        log_bounds: bounds of log(scale / local-step scale) for every dimension.
+        final: "mean" takes the mean of the last search distribution (paper); "best"
+            takes the best candidate evaluated.
+        local_grid: candidate scales per tensor in the local step.
+        local_batches: calibration batches the local step uses (it keeps every
+            intermediate tensor of a batch in memory).
+        progress: show a progress bar per generation.
+    """
+
+    sigma0: float = 0.1
+    popsize: int | None = None
+    budget: int = 100
+    seed: int = 0
+    log_bounds: tuple[float, float] = (-3.0, 1.0)
+    final: str = "mean"
+    local_grid: int = 32
+    local_batches: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sigma0 <= 2.0:
+            raise ValueError(f"SearchConfig.sigma0={self.sigma0!r} must lie in (0, 2]; the paper uses 0.1")
+        if self.popsize is not None and (isinstance(self.popsize, bool) or self.popsize < 4):
+            raise ValueError(f"SearchConfig.popsize={self.popsize!r} is below CMA-ES's minimum of 4 (or use None)")
+        if isinstance(self.budget, bool) or self.budget < 0:
+            raise ValueError(f"SearchConfig.budget={self.budget!r} must be >= 0 generations (0: local step only)")
+        lo, hi = self.log_bounds
+        if not lo < 0.0 < hi:
+            raise ValueError(f"SearchConfig.log_bounds={self.log_bounds!r} must bracket 0, e.g. (-3.0, 1.0)")
+        if self.final not in ("mean", "best"):
+            raise ValueError(f"SearchConfig.final={self.final!r}: use 'mean' (paper) or 'best'")
+        if self.local_grid < 2 or self.local_batches < 1:
+            raise ValueError(f"SearchConfig.local_grid={self.local_grid!r} must be >= 2 and "
+                             f"local_batches={self.local_batches!r} >= 1")

@@ -17,7 +17,10 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["decompose_sdpa", "drop_noop_casts"]
+__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts"]
+
+# node.meta key: this node must stay float; the value says why (shown in the report).
+SKIP_KEY = "esc_ao_keep_float"
 
 aten = torch.ops.aten
 
@@ -109,6 +112,7 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
         scores = emit(aten.mul.Tensor, scores, float(scale))
         if a["is_causal"]:
             scores = emit(aten.add.Tensor, scores, _causal_mask(gm, length, source, fake_mode, node))
+            scores.meta[SKIP_KEY] = "adds the causal attention mask (-inf entries cannot be quantized)"
         mask = a["attn_mask"]
         if isinstance(mask, Node):
             if mask.meta["val"].dtype == torch.bool:
@@ -116,6 +120,7 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
                               float("-inf"))
             else:
                 scores = emit(aten.add.Tensor, scores, mask)
+                scores.meta[SKIP_KEY] = "adds the attention mask (-inf entries cannot be quantized)"
         probs = emit(aten.softmax.int, scores, -1)
         out = emit(aten.matmul.default, probs, v)
     node.replace_all_uses_with(out)

@@ -15,7 +15,9 @@ from typing import Any, Sequence
 import torch
 from torch.fx import GraphModule
 
-from esc_ao.config import QuantConfig
+from esc_ao.calibrate import CalibrationResult, calibrate
+from esc_ao.config import QuantConfig, SearchConfig
+from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch, as_batches, convert, export_model, observe, prepare, save_program
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import (
@@ -23,6 +25,7 @@ from esc_ao.report import (
     observer_stats,
     output_sqnr,
     weight_bytes,
+    plot_convergence,
     write_json_atomic,
     write_text_atomic,
 )
@@ -71,6 +74,9 @@ def quantize_job(
     out_dir: Path | None,
     keep_float: Sequence[str] = (),
     graph: GraphModule | None = None,
+    search: SearchConfig | None = None,
+    objective: Objective | None = None,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
     and ``report.md`` into ``out_dir`` (nothing is written when it is None).
@@ -79,6 +85,8 @@ def quantize_job(
         keep_float: qualified module names left in float.
         graph: an already exported graph (e.g. loaded from a .pt2); exported from
             ``inputs.model`` when None.
+        search, objective, checkpoint: ESC's search settings (method "esc" only; default
+            SearchConfig()), its objective (default output MSE) and checkpoint file.
     """
     t0 = time.perf_counter()
     calibration = as_batches(inputs.calibration)
@@ -89,6 +97,9 @@ def quantize_job(
         quantizer.set_module_name(name, None)
     prepared = prepare(gm, quantizer)
     observe(prepared, calibration)
+    esc: CalibrationResult | None = None
+    if config.method == "esc":
+        esc = calibrate(prepared, calibration, objective, search or SearchConfig(), checkpoint)
     t_calib = time.perf_counter() - t0
     quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
     per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
@@ -112,11 +123,14 @@ def quantize_job(
         "activations": activations,
         "size": size,
         "notes": inputs.notes,
+        "esc": esc.to_dict() if esc is not None else None,
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         report["size"]["program_file_bytes"] = save_program(converted, calibration[0], out_dir / "model.pt2")
+        if esc is not None and esc.history:
+            plot_convergence(esc, out_dir / "convergence.png")
         write_json_atomic(out_dir / "report.json", report)
         write_text_atomic(out_dir / "report.md", render_markdown(report))
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
@@ -130,7 +144,7 @@ def _fmt(x: float | None) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: summary, per-layer SQNR, activation ranges."""
     cfg, size = report["config"], report["size"]
-    lines = [
+    lines: list[str] = [
         f"# esc-ao quantization report: {report['model']}",
         "",
         f"- config: {cfg['label']}, method {cfg['method']}, "
@@ -141,6 +155,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"at {cfg['weight_bits']} bits"
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
         f"- kept float: {', '.join(report['keep_float']) or 'nothing'}",
+        f"- calibration time: {report['calibration_seconds']:.1f} s",
+    ]
+    esc = report.get("esc")
+    if esc:
+        lines += [
+            f"- ESC: {len(esc['labels'])} activation scales; objective {esc['initial_objective']:.5g} "
+            f"(local step) -> {esc['final_objective']:.5g} after {esc['evaluations']} evaluations "
+            f"({esc['evaluations_per_second']:.2f}/s); {esc['message']}",
+            "",
+            "![ESC convergence](convergence.png)",
+        ]
+    lines += [
         "",
         "## Layers (SQNR of each op's output, quantized vs float, first held-out batch)",
         "",

@@ -21,7 +21,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from esc_ao.annotators import OP_ROLES, Role, Specs, annotate_node, is_annotated
 from esc_ao.config import QuantConfig
-from esc_ao.graph_prep import decompose_sdpa, drop_noop_casts
+from esc_ao.graph_prep import SKIP_KEY, decompose_sdpa, drop_noop_casts
 from esc_ao.observers import (
     ActivationObserver,
     EntropyObserver,
@@ -170,6 +170,8 @@ class EscQuantizer(Quantizer):
             return None  # passthroughs are not worth a report line
         if config is None:
             return AnnotationRecord(node.name, op, module, False, "float", f"kept float by {source}")
+        if SKIP_KEY in node.meta:
+            return AnnotationRecord(node.name, op, module, False, "float", str(node.meta[SKIP_KEY]))
         if not annotate_node(node, role, self.specs(config)):
             return AnnotationRecord(node.name, op, module, False, "float",
                                     "fewer than two tensor operands (scalar operand folds into the scale)")

@@ -23,6 +23,7 @@ from esc_ao.pipeline import Batch
 
 __all__ = [
     "ObserverStats",
+    "plot_convergence",
     "layer_sqnr",
     "observer_stats",
     "output_sqnr",
@@ -166,3 +167,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
     write_text_atomic(path, json.dumps(data, indent=1, default=default, allow_nan=True) + "\n")
+
+
+def plot_convergence(result: Any, path: Path) -> None:
+    """Best and mean objective per CMA-ES generation (log scale), and sigma, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = [h["generation"] for h in result.history]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    ax.plot(gens, [h["best"] for h in result.history], label="best of generation")
+    ax.plot(gens, [h["mean"] for h in result.history], label="mean of generation", alpha=0.7)
+    ax.axhline(result.initial_objective, color="grey", linestyle="--", label="local step")
+    ax.set_yscale("log")
+    ax.set_ylabel("objective")
+    ax.legend()
+    ax2.plot(gens, [h["sigma"] for h in result.history], color="tab:green")
+    ax2.set_ylabel("sigma")
+    ax2.set_xlabel("generation")
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,1 @@
+"""Benchmarks: heavy runs with their own commands, writing JSON and Markdown to docs/results/."""

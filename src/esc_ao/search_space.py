@@ -1,0 +1,146 @@
+"""The dimensions ESC searches: one per-tensor activation scale per observer in a prepared
+graph, whichever quantizer prepared it.
+
+esc_ao's own activation observers already have a settable scale and a fake-quant switch.
+Any other observer (torchao's HistogramObserver / MinMaxObserver from ExecuTorch's stock
+XNNPACKQuantizer, for instance) is wrapped in place by
+``SearchableObserver``, which keeps the wrapped observer's statistics and qparams and adds
+the scale override and the fake-quant switch. Weight observers get the wrapper too (for
+fake-quant only), so the prepared model simulates the whole quantized model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.observer import ObserverBase
+
+from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, fake_quantize
+
+__all__ = ["NoObserversError", "ScaleDim", "SearchableObserver", "find_scale_dims"]
+
+
+class NoObserversError(ValueError):
+    """The graph has no activation observer to search."""
+
+
+class SearchableObserver(ObserverBase):
+    """Wraps any torchao observer: its statistics and qparams, plus a settable scale and a
+    fake-quant switch. ``convert_pt2e`` treats it like the observer it wraps."""
+
+    def __init__(self, inner: ObserverBase, label: str) -> None:
+        super().__init__(dtype=inner.dtype, is_dynamic=getattr(inner, "is_dynamic", False))
+        self.inner = inner
+        self.qscheme = inner.qscheme
+        self.quant_min, self.quant_max = inner.quant_min, inner.quant_max
+        if hasattr(inner, "ch_axis"):
+            self.ch_axis = inner.ch_axis
+        self.label = label
+        self.observing = False
+        self.fake_quant = False
+        self._scale_override: float | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.inner(x)
+        if not self.fake_quant:
+            return x
+        scale, zp = self.calculate_qparams()
+        if self.per_channel:
+            q = torch.ops.quantized_decomposed.quantize_per_channel(
+                x, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+            return torch.ops.quantized_decomposed.dequantize_per_channel(
+                q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+        return fake_quantize(x, float(scale), int(zp), self.quant_min, self.quant_max)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        scale, zp = self.inner.calculate_qparams()
+        if self._scale_override is not None:
+            scale = torch.tensor([self._scale_override], dtype=torch.float32)
+        return scale, zp
+
+    @property
+    def init_scale(self) -> float:
+        return float(self.inner.calculate_qparams()[0].reshape(-1)[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.calculate_qparams()[0].reshape(-1)[0])
+
+    def qparams(self) -> tuple[float, int]:
+        scale, zp = self.calculate_qparams()
+        return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+
+    def set_scale(self, scale: float | None) -> None:
+        if scale is not None and not (0.0 < scale < float("inf")):
+            raise ValueError(f"scale={scale!r} for {self.label} must be finite and > 0")
+        self._scale_override = None if scale is None else float(scale)
+
+
+Searchable = ActivationObserver | SearchableObserver
+
+
+@dataclass
+class ScaleDim:
+    """One search dimension: the observer of one activation tensor."""
+
+    name: str  # the observer's module name in the graph
+    node: Node  # the observer's call_module node
+    observer: Searchable
+
+    @property
+    def label(self) -> str:
+        return self.observer.label
+
+
+def _is_weight(node: Node) -> bool:
+    src = node.args[0] if node.args else None
+    return isinstance(src, Node) and src.op == "get_attr"
+
+
+def find_scale_dims(prepared: GraphModule) -> list[ScaleDim]:
+    """Every per-tensor activation observer of a prepared graph, in graph order; wraps
+    foreign observers (and weight observers, for fake-quant) in place.
+
+    Raises:
+        NoObserversError: the model was not prepared, or was already converted.
+    """
+    dims: list[ScaleDim] = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(node.target)
+        if not isinstance(module, ObserverBase) or getattr(module, "is_dynamic", False):
+            continue
+        if not hasattr(module, "calculate_qparams") or not hasattr(module, "quant_min"):
+            continue  # derived (bias) observers and placeholders have no scale of their own
+        label = getattr(module, "label", None) or f"{node.name} on {node.args[0]}"
+        if _is_weight(node) or module.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
+            if not isinstance(module, (PerChannelWeightObserver, SearchableObserver)):
+                _replace(prepared, str(node.target), SearchableObserver(module, label))
+            continue
+        if isinstance(module, (ActivationObserver, SearchableObserver)):
+            obs: Searchable = module
+        else:
+            obs = SearchableObserver(module, label)
+            _replace(prepared, str(node.target), obs)
+        dims.append(ScaleDim(str(node.target), node, obs))
+    if not dims:
+        raise NoObserversError(
+            "no activation observers found: pass the model returned by prepare_pt2e, after the calibration "
+            "batches have run and before convert_pt2e"
+        )
+    return dims
+
+
+def _replace(gm: GraphModule, name: str, module: Any) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    setattr(owner, attr, module)

@@ -1,0 +1,34 @@
+"""A small seeded model and data for the ESC search tests (also run as a subprocess by
+the SIGKILL resume test)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torchaudio
+
+from esc_ao import EscQuantizer, QuantConfig, SearchConfig, calibrate, export_model, observe, prepare
+from esc_ao.speech import ExportableConformer
+
+
+def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple]]:
+    torch.manual_seed(0)
+    model = ExportableConformer(torchaudio.models.Conformer(
+        input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)).eval()
+    batches = [(torch.randn(2, 40, 32), torch.tensor([40, 40])) for _ in range(3)]
+    prepared = prepare(export_model(model, batches[0]),
+                       EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method)))
+    observe(prepared, batches)
+    return model, prepared, batches
+
+
+def run_search(checkpoint: str | None, budget: int, seed: int = 0) -> list[float]:
+    _, prepared, batches = small_setup()
+    config = SearchConfig(budget=budget, popsize=6, seed=seed, progress=False, local_grid=8)
+    return calibrate(prepared, batches, config=config, checkpoint=checkpoint).final_scales
+
+
+if __name__ == "__main__":  # python _esc_helpers.py CHECKPOINT BUDGET OUT
+    scales = run_search(sys.argv[1], int(sys.argv[2]))
+    torch.save(scales, sys.argv[3])
