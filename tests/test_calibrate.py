@@ -42,7 +42,8 @@ def test_esc_improves_on_mse_calibration_at_w4a4() -> None:
     model, mse_prepared, batches = small_setup(method="mse")
     mse_sqnr = output_sqnr(model, convert(mse_prepared), batches)
     _, prepared, _ = small_setup(method="esc")
-    calibrate(prepared, batches, config=SearchConfig(budget=10, **FAST))
+    # Measured: 20 generations of 8 lower the objective from 0.0555 (MSE start) to 0.0520.
+    calibrate(prepared, batches, config=SearchConfig(budget=20, **{**FAST, "popsize": 8}))
     esc_sqnr = output_sqnr(model, convert(prepared), batches)
     assert esc_sqnr > mse_sqnr
 
@@ -134,11 +135,14 @@ def test_nan_candidates_are_penalised_and_all_nan_stops_with_a_node_name() -> No
 
 
 def test_batches_with_different_output_shapes_are_refused() -> None:
-    _, prepared, batches = small_setup()
-    from esc_ao import export_model, prepare, EscQuantizer, QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from esc_ao import EscQuantizer, QuantConfig
 
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
-    p = prepare(export_model(mlp, (torch.randn(2, 3, 4),)), EscQuantizer(QuantConfig(method="esc")))
+    steps = torch.export.Dim("steps", min=2, max=16)
+    program = torch.export.export(mlp, (torch.randn(2, 3, 4),), dynamic_shapes=({1: steps},))
+    p = prepare_pt2e(program.module(), EscQuantizer(QuantConfig(method="esc")))
     odd = [(torch.randn(2, 3, 4),), (torch.randn(2, 5, 4),)]
     observe(p, odd)
     with pytest.raises(ValueError, match="different shapes"):
