@@ -201,6 +201,19 @@ def calibrate(
     Raises:
         NoObserversError, CalibrationDataError, CheckpointError, NonFiniteObjectiveError.
     """
+    # Softmax probabilities and other tiny activations are float32 denormals, on which x86
+    # rounding takes a microcode assist: measured 3.5x slower searches. Flushing them to
+    # zero changes nothing a quantizer keeps (they all round to level 0).
+    flush = torch.set_flush_denormal(True)
+    try:
+        return _calibrate(prepared, data, objective, config, checkpoint)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective | None, config: SearchConfig,
+               checkpoint: str | Path | None) -> CalibrationResult:
     t0 = time.perf_counter()
     batches = as_batches(data)
     objective = objective or OutputMSE()

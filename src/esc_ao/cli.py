@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     bb = bsub.add_parser("baselines", help="Whisper tiny.en encoder output SQNR for every method and bit width")
     bb.add_argument("--calib-clips", type=int, default=None)
     bb.add_argument("--out", type=Path, default=Path("docs/results"))
+    be = bsub.add_parser("esc", help="ESC vs MSE on Whisper tiny.en's encoder; search speed (evaluations/s)")
+    be.add_argument("--bits", nargs="+", default=["w4a4", "w8a8"], choices=("w8a8", "w4a8", "w4a4"))
+    be.add_argument("--budget", type=int, default=20)
+    be.add_argument("--popsize", type=int, default=8)
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--calib-clips", type=int, default=None)
+    be.add_argument("--out", type=Path, default=Path("docs/results"))
     return p
 
 
@@ -94,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from esc_ao.bench.baselines import run_baselines
 
         run_baselines(args.out, args.calib_clips)
+        return 0
+    if args.command == "bench" and args.bench == "esc":
+        from esc_ao.bench.esc import run_esc_bench
+
+        run_esc_bench(args.out, args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
+                      args.calib_clips)
         return 0
     return 2
 

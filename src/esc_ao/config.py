@@ -90,7 +90,7 @@ class SearchConfig:
     seed: int = 0
     log_bounds: tuple[float, float] = (-3.0, 1.0)
     final: str = "mean"
-    local_grid: int = 32
+    local_grid: int = 16
     local_batches: int = 1
     progress: bool = True
 

@@ -9,9 +9,9 @@ few nodes instead of the whole model makes the grid search cost about one forwar
 tensor-and-candidate of a single layer.
 
 Grid: s = s0 * m, with s0 the observer's own scale (Max, MSE, ... as calibrated) and m on
-a geometric grid from 1/32 to 1.5 (plus m = 1 exactly), so the step can both clip much
-harder than the tensor's own optimum (what a layer followed by LayerNorm often wants) and
-a little less.
+a geometric grid from 1/32 to 1.5 (plus m = 1 exactly), refined between the best point's
+neighbours, so the step can both clip much harder than the tensor's own optimum (what a
+layer followed by LayerNorm often wants) and a little less.
 """
 
 from __future__ import annotations
@@ -95,23 +95,76 @@ def _record(prepared: GraphModule, batch: Batch, dims: list[ScaleDim]) -> dict[N
     return interp.env
 
 
+_ROWS = 512  # rows of a linear layer's input the local step evaluates (see _linear_rows)
+
+
+def _linear_rows(dim: ScaleDim, env: dict[Node, Any], path: list[Node], consumers: list[Node]) -> Any:
+    """Fast path for a tensor read only by one linear: a linear maps each row (token)
+    independently, so its output error can be estimated on every k-th row (at most 512)
+    instead of all of them: 3x (1500 -> 500 rows for Whisper) less work per candidate."""
+    if len(path) != 1 or len(consumers) != 1:
+        return None
+    lin = consumers[0]
+    if lin.target != torch.ops.aten.linear.default or lin.args[0] is not dim.node:
+        return None
+    x = env[dim.node]
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, rows.shape[0] // _ROWS)
+    w = env[lin.args[1]]
+    b = env[lin.args[2]] if len(lin.args) > 2 and lin.args[2] is not None else None
+    ref = env[lin].reshape(-1, w.shape[0])[::step]
+    return rows[::step], w, b, ref
+
+
 @torch.no_grad()
 def local_mse_scales(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], grid: int) -> list[float]:
-    """The local-step scale of every dimension (not written into the observers)."""
-    multipliers = np.unique(np.append(np.geomspace(*GRID_RANGE, grid), 1.0))
-    errors = np.zeros((len(dims), multipliers.size))
+    """The local-step scale of every dimension (not written into the observers).
+
+    Two-stage grid of ``grid`` points in all: grid/2 multipliers geometric over GRID_RANGE
+    (plus 1.0), then grid/2 between the best one's neighbours.
+    """
     plans = [_downstream(d.node) for d in dims]
     base = [d.observer.init_scale for d in dims]
-    for batch in batches:
-        env = _record(prepared, batch, dims)
-        for i, dim in enumerate(dims):
-            x = env[dim.node.args[0]]
-            _, zp = dim.observer.qparams()
-            qmin, qmax = dim.observer.quant_min, dim.observer.quant_max
-            for j, m in enumerate(multipliers):
-                xq = fake_quantize(x, base[i] * float(m), zp, qmin, qmax)
-                errors[i, j] += _layer_error(prepared, env, dim, xq, *plans[i])
-        del env
-    # Ties go to the larger scale (less clipping); argmin on the reversed row does that.
-    best = multipliers.size - 1 - np.argmin(errors[:, ::-1], axis=1)
-    return [base[i] * float(multipliers[b]) for i, b in enumerate(best)]
+    envs = [_record(prepared, batch, dims) for batch in batches]
+    coarse = np.unique(np.append(np.geomspace(*GRID_RANGE, max(2, grid // 2)), 1.0))
+    scales = []
+    for i, dim in enumerate(dims):
+        error = _dim_error(prepared, envs, dim, plans[i])
+        errs = np.array([error(base[i] * float(m)) for m in coarse])
+        b = _argmin_last(errs)
+        lo, hi = coarse[max(b - 1, 0)], coarse[min(b + 1, coarse.size - 1)]
+        fine = np.geomspace(lo, hi, max(2, grid - grid // 2))
+        fine_errs = np.array([error(base[i] * float(m)) for m in fine])
+        cand = np.concatenate([coarse, fine])
+        all_errs = np.concatenate([errs, fine_errs])
+        order = np.argsort(cand, kind="stable")
+        best = order[_argmin_last(all_errs[order])]
+        scales.append(base[i] * float(cand[best]))
+    return scales
+
+
+def _argmin_last(errs: np.ndarray) -> int:
+    # Ties go to the larger multiplier (less clipping): argmin of the reversed array.
+    return int(errs.size - 1 - np.argmin(errs[::-1]))
+
+
+def _dim_error(prepared: GraphModule, envs: list[dict[Node, Any]], dim: ScaleDim,
+               plan: tuple[list[Node], list[Node]]) -> Any:
+    """error(scale): the layer-output noise-to-signal ratio, summed over batches."""
+    _, zp = dim.observer.qparams()
+    qmin, qmax = dim.observer.quant_min, dim.observer.quant_max
+    fast = [_linear_rows(dim, env, *plan) for env in envs]
+
+    def error(scale: float) -> float:
+        total = 0.0
+        for env, rows in zip(envs, fast):
+            if rows is not None:
+                x, w, b, ref = rows
+                out = torch.nn.functional.linear(fake_quantize(x, scale, zp, qmin, qmax), w, b)
+                total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+            else:
+                xq = fake_quantize(env[dim.node.args[0]], scale, zp, qmin, qmax)
+                total += _layer_error(prepared, env, dim, xq, *plan)
+        return total
+
+    return error

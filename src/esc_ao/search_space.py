@@ -42,6 +42,7 @@ class SearchableObserver(ObserverBase):
         self.observing = False
         self.fake_quant = False
         self._scale_override: float | None = None
+        self._inner_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -50,6 +51,7 @@ class SearchableObserver(ObserverBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.inner(x)
+            self._inner_qparams = None
         if not self.fake_quant:
             return x
         scale, zp = self.calculate_qparams()
@@ -60,15 +62,22 @@ class SearchableObserver(ObserverBase):
                 q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
         return fake_quantize(x, float(scale), int(zp), self.quant_min, self.quant_max)
 
+    def _statistics_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # HistogramObserver.calculate_qparams runs a search of its own (hundreds of ms):
+        # compute it once per set of statistics, not once per candidate.
+        if self._inner_qparams is None:
+            self._inner_qparams = self.inner.calculate_qparams()
+        return self._inner_qparams
+
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        scale, zp = self.inner.calculate_qparams()
+        scale, zp = self._statistics_qparams()
         if self._scale_override is not None:
             scale = torch.tensor([self._scale_override], dtype=torch.float32)
         return scale, zp
 
     @property
     def init_scale(self) -> float:
-        return float(self.inner.calculate_qparams()[0].reshape(-1)[0])
+        return float(self._statistics_qparams()[0].reshape(-1)[0])
 
     @property
     def scale(self) -> float:
