@@ -23,12 +23,36 @@ def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, to
     return model, prepared, batches
 
 
-def run_search(checkpoint: str | None, budget: int, seed: int = 0) -> list[float]:
+def run_search(checkpoint: str | None, budget: int, seed: int = 0, objective=None) -> list[float]:
     _, prepared, batches = small_setup()
-    config = SearchConfig(budget=budget, popsize=6, seed=seed, progress=False, local_grid=8)
-    return calibrate(prepared, batches, config=config, checkpoint=checkpoint).final_scales
+    config = SearchConfig(budget=budget, popsize=6, seed=seed, progress=False, local_grid=8, dist_timeout_s=30)
+    return calibrate(prepared, batches, objective=objective, config=config, checkpoint=checkpoint).final_scales
 
 
-if __name__ == "__main__":  # python _esc_helpers.py CHECKPOINT BUDGET OUT
-    scales = run_search(sys.argv[1], int(sys.argv[2]))
-    torch.save(scales, sys.argv[3])
+def _dying_objective(after: int):  # type: ignore[no-untyped-def]
+    """OutputMSE that kills this process (as a crash would) after `after` evaluations."""
+    import os
+
+    from esc_ao.objectives import OutputMSE
+
+    calls = {"n": 0}
+    base = OutputMSE()
+
+    def objective(outputs, refs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > after:
+            os._exit(3)
+        return base(outputs, refs)
+
+    return objective
+
+
+if __name__ == "__main__":  # python _esc_helpers.py CHECKPOINT BUDGET OUT [die-after-N-evaluations]
+    import os
+
+    torch.set_num_threads(1)
+    ckpt = None if sys.argv[1] == "-" else sys.argv[1]
+    objective = _dying_objective(int(sys.argv[4])) if len(sys.argv) > 4 else None
+    scales = run_search(ckpt, int(sys.argv[2]), objective=objective)
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(scales, sys.argv[3])

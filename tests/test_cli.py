@@ -47,3 +47,16 @@ def test_quantize_program_file(tmp_path: Path) -> None:
 def test_program_without_calibration_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--calib-data"):
         main(["quantize", "--program", str(tmp_path / "x.pt2")])
+
+
+def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "search.ckpt"
+    args = ["quantize", "--method", "esc", "--weight-bits", "4", "--act-bits", "4", "--budget", "1",
+            "--popsize", "4", "--calib-clips", "1", "--out", str(out), "--checkpoint", str(ckpt)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    esc = report["esc"]
+    assert esc["final_objective"] <= esc["initial_objective"]
+    assert len(esc["labels"]) >= 80 and esc["evaluations"] == 2 + 4 + 1
+    assert (out / "convergence.png").stat().st_size > 1000 and ckpt.exists()
+    assert "ESC:" in (out / "report.md").read_text()

@@ -34,17 +34,22 @@ special = st.sampled_from([torch.zeros(17), torch.full((9,), 3.25), torch.full((
 any_tensor = st.one_of(tensors, special)
 
 
+def every_grid(test):  # type: ignore[no-untyped-def]
+    """Runs a property test over every observer, both bit widths and both grid kinds."""
+    test = given(x=any_tensor)(test)
+    test = settings(max_examples=40, deadline=None)(test)
+    for name, values in (("symmetric", [True, False]), ("bits", [8, 4]), ("cls", ACT_OBSERVERS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 def make(cls: type[ActivationObserver], bits: int = 8, symmetric: bool = True) -> ActivationObserver:
     qmin, qmax = qrange(bits)
     scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
     return cls(dtype=torch.int8, qscheme=scheme, quant_min=qmin, quant_max=qmax, histogram_bins=BINS)
 
 
-@pytest.mark.parametrize("cls", ACT_OBSERVERS)
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("symmetric", [True, False])
-@settings(max_examples=40, deadline=None)
-@given(x=any_tensor)
+@every_grid
 def test_scale_is_finite_positive_and_zero_point_in_range(cls, bits, symmetric, x) -> None:
     obs = make(cls, bits, symmetric)
     obs(x)
@@ -53,11 +58,7 @@ def test_scale_is_finite_positive_and_zero_point_in_range(cls, bits, symmetric, 
     assert obs.quant_min <= int(zp) <= obs.quant_max
 
 
-@pytest.mark.parametrize("cls", ACT_OBSERVERS)
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("symmetric", [True, False])
-@settings(max_examples=40, deadline=None)
-@given(x=any_tensor)
+@every_grid
 def test_in_range_quantization_error_is_at_most_half_a_step(cls, bits, symmetric, x) -> None:
     obs = make(cls, bits, symmetric)
     obs(x)

@@ -33,7 +33,8 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.config import SearchConfig
 from esc_ao.local_step import local_mse_scales
-from esc_ao.objectives import Objective, OutputMSE, first_tensor
+from esc_ao.distributed import Cluster, cluster_from_env
+from esc_ao.objectives import Objective, OutputMSE, first_tensor, objective_parts
 from esc_ao.observers import observer_mode
 from esc_ao.pipeline import Batch, as_batches
 from esc_ao.search_space import ScaleDim, find_scale_dims
@@ -92,11 +93,22 @@ def _set_scales(dims: list[ScaleDim], scales: Sequence[float]) -> None:
         d.observer.set_scale(float(s))
 
 
-def _evaluate(prepared: GraphModule, dims: list[ScaleDim], scales: Sequence[float], batches: list[Batch],
-              objective: Objective, refs: list[Any]) -> float:
-    _set_scales(dims, scales)
-    value = float(objective(_outputs(prepared, batches, fake_quant=True), refs))
-    return value
+class _Evaluator:
+    """objective(scales) over this rank's shard, all-reduced over ranks: one simulated
+    forward per batch, no re-prepare, no convert, no model copy."""
+
+    def __init__(self, prepared: GraphModule, dims: list[ScaleDim], shard: list[Batch], objective: Objective,
+                 cluster: Cluster) -> None:
+        self.prepared, self.dims, self.shard, self.objective, self.cluster = prepared, dims, shard, objective, cluster
+        self.refs = _outputs(prepared, shard, fake_quant=False)  # the float reference, once
+        self.count = 0
+
+    def __call__(self, scales: Sequence[float]) -> float:
+        _set_scales(self.dims, scales)
+        outputs = _outputs(self.prepared, self.shard, fake_quant=True)
+        num, den = self.cluster.sum_parts(*objective_parts(self.objective, outputs, self.refs))
+        self.count += 1
+        return num / den if den != 0 else math.nan
 
 
 @torch.no_grad()
@@ -117,7 +129,7 @@ def _first_nonfinite(prepared: GraphModule, batch: Batch) -> str:
     return found[0] if found else "(none: the objective itself returned a non-finite value)"
 
 
-def _check_shapes(refs: list[Any], batches: list[Batch]) -> None:
+def _check_shapes(refs: list[Any], batches: list[Batch]) -> None:  # noqa: ARG001
     shapes = {tuple(first_tensor(r).shape[1:]) for r in refs}
     if len(shapes) > 1:
         raise ValueError(
@@ -129,7 +141,7 @@ def _check_shapes(refs: list[Any], batches: list[Batch]) -> None:
 # --- checkpoint --------------------------------------------------------------------------
 
 def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: SearchConfig, n_batches: int) -> str:
-    cfg = {k: v for k, v in asdict(config).items() if k != "progress"}
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("progress", "dist_timeout_s")}
     payload = repr(([d.label for d in dims], [f"{s:.9e}" for s in observer_scales], sorted(cfg.items()), n_batches))
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -216,49 +228,33 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
                checkpoint: str | Path | None) -> CalibrationResult:
     t0 = time.perf_counter()
     batches = as_batches(data)
-    objective = objective or OutputMSE()
+    cluster = cluster_from_env(config.dist_timeout_s)
     dims = find_scale_dims(prepared)
     labels = [d.label for d in dims]
     for d in dims:
         d.observer.set_scale(None)
     observer_scales = [d.observer.init_scale for d in dims]
-    refs = _outputs(prepared, batches, fake_quant=False)  # float reference, once
-    _check_shapes(refs, batches)
+    evaluate = _Evaluator(prepared, dims, cluster.shard(batches), objective or OutputMSE(), cluster)
+    _check_shapes(evaluate.refs, batches)
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(dims, observer_scales, config, len(batches))
-    state = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path else None
+    state = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path and cluster.is_driver else None
+    state = cluster.broadcast(state)
     if state is None:
-        layer_mse = local_mse_scales(prepared, dims, batches[: config.local_batches], config.local_grid)
-        # Start from whichever is better on the objective: the layer-output MSE scales or
-        # the observers' own (for EscObserver, the tensor's own MSE optimum). Measured on a
-        # W4A4 Conformer, the layer-output step alone can start worse than tensor MSE.
-        starts = {"layer-output MSE": layer_mse, "observer statistics": observer_scales}
-        scored = {k: _evaluate(prepared, dims, v, batches, objective, refs) for k, v in starts.items()}
-        start = min(scored, key=lambda k: scored[k] if math.isfinite(scored[k]) else math.inf)
-        local, init_obj = starts[start], scored[start]
-        log.info("ESC local step: start from %s (objective %s)", start,
-                 ", ".join(f"{k} {v:.6g}" for k, v in scored.items()))
-        if not math.isfinite(init_obj):
-            raise NonFiniteObjectiveError(
-                f"the local-step scales give a non-finite objective; first non-finite node: "
-                f"{_first_nonfinite(prepared, batches[0])}")
-        state = {"fingerprint": fingerprint, "local": local, "init_obj": init_obj, "es": None,
-                 "np_rng": None, "history": [], "evaluations": 2, "best": (init_obj, None),
-                 "start": start}
+        state = _start(prepared, dims, batches, config, evaluate, cluster, observer_scales, fingerprint)
     local, init_obj = state["local"], state["init_obj"]
-    log.info("ESC: %d scales, local-step objective %.6g", len(dims), init_obj)
+    log.info("ESC: %d scales, start objective %.6g", len(dims), init_obj)
 
     def to_scales(x: Sequence[float]) -> list[float]:
         return [s * math.exp(float(v)) for s, v in zip(local, x)]
 
     if config.budget > 0:
-        _search(prepared, dims, batches, objective, refs, config, state, to_scales, ckpt_path)
+        _search(evaluate, config, state, to_scales, ckpt_path, batches[0])
 
     x_final = state["best"][1] if config.final == "best" else state.get("x_mean")
     final_scales = to_scales(x_final) if x_final is not None else list(local)
-    final_obj = _evaluate(prepared, dims, final_scales, batches, objective, refs)
-    evaluations = state["evaluations"] + 1
+    final_obj = evaluate(final_scales)
     if math.isfinite(final_obj) and final_obj <= init_obj:
         improved, message = final_obj < init_obj, (
             f"CMA-ES lowered the objective from {init_obj:.6g} to {final_obj:.6g}"
@@ -270,42 +266,77 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
     message = f"start: {state['start']}; {message}"
     log.info("ESC: %s", message)
     return CalibrationResult(labels, observer_scales, list(local), final_scales, init_obj, final_obj, improved,
-                             message, evaluations, time.perf_counter() - t0, list(state["history"]))
+                             message, state["evaluations"] + 1, time.perf_counter() - t0, list(state["history"]))
 
 
-def _search(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], objective: Objective,
-            refs: list[Any], config: SearchConfig, state: dict[str, Any], to_scales: Any,
-            ckpt_path: Path | None) -> None:
+def _start(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], config: SearchConfig,
+           evaluate: _Evaluator, cluster: Cluster, observer_scales: list[float], fingerprint: str) -> dict[str, Any]:
+    """The local step and the search's starting point (a fresh search state)."""
+    layer_mse = None
+    if cluster.is_driver:  # on the first (global) batches, so every world size starts alike
+        layer_mse = local_mse_scales(prepared, dims, batches[: config.local_batches], config.local_grid)
+    layer_mse = cluster.broadcast(layer_mse)
+    # Start from whichever is better on the objective: the layer-output MSE scales or the
+    # observers' own (for EscObserver, the tensor's own MSE optimum). Measured on a W4A4
+    # Conformer, the layer-output step alone can start worse than tensor MSE.
+    starts = {"layer-output MSE": layer_mse, "observer statistics": observer_scales}
+    scored = {k: evaluate(v) for k, v in starts.items()}
+    start = min(scored, key=lambda k: scored[k] if math.isfinite(scored[k]) else math.inf)
+    log.info("ESC local step: start from %s (objective %s)", start,
+             ", ".join(f"{k} {v:.6g}" for k, v in scored.items()))
+    if not math.isfinite(scored[start]):
+        raise NonFiniteObjectiveError(
+            f"the local-step scales give a non-finite objective; first non-finite node: "
+            f"{_first_nonfinite(prepared, batches[0])}")
+    return {"fingerprint": fingerprint, "local": starts[start], "init_obj": scored[start], "es": None,
+            "np_rng": None, "history": [], "evaluations": 2, "best": (scored[start], None), "start": start}
+
+
+def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], to_scales: Any,
+            ckpt_path: Path | None, probe_batch: Batch) -> None:
+    """CMA-ES generations until the budget; rank 0 asks and tells, every rank evaluates."""
     from tqdm.auto import tqdm
 
-    if state["es"] is None:
-        es = cma.CMAEvolutionStrategy(np.zeros(len(dims)), config.sigma0, _cma_options(config, len(dims)))
-    else:
-        es = pickle.loads(state["es"])  # noqa: S301 - our own checkpoint
-        np.random.set_state(state["np_rng"])
-    bar = tqdm(total=config.budget, initial=es.countiter, desc="ESC", unit="gen", disable=not config.progress)
-    while es.countiter < config.budget:
-        candidates = es.ask()
-        values = [_evaluate(prepared, dims, to_scales(x), batches, objective, refs) for x in candidates]
+    cluster = evaluate.cluster
+    es = None
+    if cluster.is_driver:
+        if state["es"] is None:
+            es = cma.CMAEvolutionStrategy(np.zeros(len(evaluate.dims)), config.sigma0,
+                                          _cma_options(config, len(evaluate.dims)))
+        else:
+            es = pickle.loads(state["es"])  # noqa: S301 - our own checkpoint
+            np.random.set_state(state["np_rng"])
+    done = len(state["history"])
+    bar = tqdm(total=config.budget, initial=done, desc="ESC", unit="gen",
+               disable=not (config.progress and cluster.is_driver))
+    while True:
+        candidates = es.ask() if es is not None and es.countiter < config.budget else None
+        candidates = cluster.broadcast(candidates)
+        if candidates is None:
+            break
+        values = [evaluate(to_scales(x)) for x in candidates]
+        generation = len(state["history"]) + 1
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
             raise NonFiniteObjectiveError(
-                f"every candidate of generation {es.countiter + 1} gave a non-finite objective; first "
-                f"non-finite node: {_first_nonfinite(prepared, batches[0])}")
+                f"every candidate of generation {generation} gave a non-finite objective; first "
+                f"non-finite node: {_first_nonfinite(evaluate.prepared, probe_batch)}")
         for x, v in zip(candidates, values):
             if not math.isfinite(v):
-                log.warning("ESC: candidate with non-finite objective penalised (generation %d)", es.countiter + 1)
+                log.warning("ESC: candidate with non-finite objective penalised (generation %d)", generation)
             elif v < state["best"][0]:
                 state["best"] = (float(v), np.asarray(x, dtype=float).copy())
-        es.tell(candidates, [v if math.isfinite(v) else _PENALTY for v in values])
         state["evaluations"] += len(candidates)
-        state["x_mean"] = np.asarray(es.mean, dtype=float).copy()
-        state["history"].append({"generation": es.countiter, "best": min(finite), "mean": float(np.mean(finite)),
-                                 "sigma": float(es.sigma), "evaluations": state["evaluations"]})
-        bar.set_postfix(best=f"{min(finite):.4g}", mean=f"{np.mean(finite):.4g}", sigma=f"{es.sigma:.3g}")
+        sigma = math.nan
+        if es is not None:
+            es.tell(candidates, [v if math.isfinite(v) else _PENALTY for v in values])
+            state["x_mean"], sigma = np.asarray(es.mean, dtype=float).copy(), float(es.sigma)
+        state["history"].append({"generation": generation, "best": min(finite), "mean": float(np.mean(finite)),
+                                 "sigma": sigma, "evaluations": state["evaluations"]})
+        bar.set_postfix(best=f"{min(finite):.4g}", mean=f"{np.mean(finite):.4g}", sigma=f"{sigma:.3g}")
         bar.update(1)
-        if ckpt_path is not None:
+        if ckpt_path is not None and es is not None:
             state["es"], state["np_rng"] = es.pickle_dumps(), np.random.get_state()
             _save_checkpoint(ckpt_path, state)
     bar.close()
-    state["x_mean"] = np.asarray(es.mean, dtype=float).copy()
+    state["x_mean"] = cluster.broadcast(state.get("x_mean"))

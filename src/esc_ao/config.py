@@ -82,6 +82,8 @@ class SearchConfig:
         local_batches: calibration batches the local step uses (it keeps every
             intermediate tensor of a batch in memory).
         progress: show a progress bar per generation.
+        dist_timeout_s: under torchrun, how long a collective may wait for another rank
+            before the survivors fail with DistributedError.
     """
 
     sigma0: float = 0.1
@@ -93,6 +95,7 @@ class SearchConfig:
     local_grid: int = 16
     local_batches: int = 1
     progress: bool = True
+    dist_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sigma0 <= 2.0:

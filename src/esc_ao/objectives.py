@@ -24,6 +24,7 @@ __all__ = [
     "OutputMSE",
     "first_tensor",
     "objective_by_name",
+    "objective_parts",
 ]
 
 
@@ -49,12 +50,16 @@ class OutputMSE:
     """Noise-to-signal ratio of the outputs, pooled over batches: sum (q - f)^2 / sum f^2.
     Its -10 log10 is the output SQNR, so minimising it maximises SQNR."""
 
-    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+    def parts(self, outputs: Sequence[Any], references: Sequence[Any]) -> tuple[float, float]:
         noise = signal = 0.0
         for o, r in zip(outputs, references):
             o, r = first_tensor(o).float(), first_tensor(r).float()
             noise += float((o - r).pow(2).sum())
             signal += float(r.pow(2).sum())
+        return noise, signal
+
+    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+        noise, signal = self.parts(outputs, references)
         return noise / max(signal, 1e-30)
 
 
@@ -64,7 +69,7 @@ class LogitKL:
 
     dim: int = -1
 
-    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+    def parts(self, outputs: Sequence[Any], references: Sequence[Any]) -> tuple[float, float]:
         total = count = 0.0
         for o, r in zip(outputs, references):
             logp_q = F.log_softmax(first_tensor(o).float(), dim=self.dim)
@@ -72,6 +77,10 @@ class LogitKL:
             kl = (logp_f.exp() * (logp_f - logp_q)).sum(dim=self.dim)
             total += float(kl.sum())
             count += kl.numel()
+        return total, count
+
+    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+        total, count = self.parts(outputs, references)
         return total / max(count, 1.0)
 
 
@@ -146,6 +155,17 @@ class DecodedWER:
         if len(hyps) != len(refs):
             raise ValueError(f"decoder gave {len(hyps)} transcripts for {len(refs)} references")
         return float(jiwer.wer(refs, hyps))
+
+
+def objective_parts(objective: Objective, outputs: Sequence[Any], references: Sequence[Any]) -> tuple[float, float]:
+    """(numerator, denominator) whose sums over shards give the objective of the whole set:
+    exact for objectives with a ``parts`` method (OutputMSE, LogitKL); for any other
+    callable, its value weighted by the number of batches (exact for per-batch means)."""
+    parts = getattr(objective, "parts", None)
+    if parts is not None:
+        num, den = parts(outputs, references)
+        return float(num), float(den)
+    return float(objective(outputs, references)) * len(outputs), float(len(outputs))
 
 
 _LABEL_FREE: dict[str, Callable[[], Objective]] = {"mse": OutputMSE, "kl": LogitKL}
