@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--calib-clips", type=int, default=None)
     be.add_argument("--out", type=Path, default=Path("docs/results"))
+    bc = bsub.add_parser("calib", help="one ESC calibration of Whisper tiny.en's encoder: evaluations/s, wall time "
+                                      "(run under torchrun --nproc-per-node N to shard it)")
+    bc.add_argument("--bits", default="w8a8", choices=("w8a8", "w4a8", "w4a4"))
+    bc.add_argument("--budget", type=int, default=3)
+    bc.add_argument("--popsize", type=int, default=8)
+    bc.add_argument("--calib-clips", type=int, default=None)
     return p
 
 
@@ -107,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_esc_bench(args.out, args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
                       args.calib_clips)
+        return 0
+    if args.command == "bench" and args.bench == "calib":
+        from esc_ao.bench.esc import run_calib_bench
+
+        run_calib_bench(args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False),
+                        args.calib_clips)
         return 0
     return 2
 

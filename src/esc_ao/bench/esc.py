@@ -65,3 +65,31 @@ def run_esc_bench(out_dir: Path, bits: list[str], search: SearchConfig, n_calibr
                      f"{r['evaluations_per_second']:.3f} | {r['search_seconds']:.0f} |")
     write_text_atomic(out_dir / "whisper_encoder_esc.md", "\n".join(lines) + "\n")
     return rows
+
+
+def run_calib_bench(bits: str, search: SearchConfig, n_calibration: int | None) -> dict[str, Any]:
+    """One ESC calibration of Whisper tiny.en's encoder; returns (and, on rank 0, prints)
+    its wall time and evaluations per second. Under torchrun the evaluation is sharded."""
+    import json
+    import os
+
+    from esc_ao.calibrate import calibrate
+    from esc_ao.pipeline import export_model, observe, prepare
+    from esc_ao.quantizer import EscQuantizer
+
+    inputs = whisper_default(n_calibration)
+    t0 = time.perf_counter()
+    prepared = prepare(export_model(inputs.model, inputs.calibration[0]),
+                       EscQuantizer(QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method="esc")))
+    observe(prepared, inputs.calibration)
+    t_observe = time.perf_counter() - t0
+    result = calibrate(prepared, inputs.calibration, config=search)
+    row = {"bits": bits, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "threads": torch.get_num_threads(),
+           "calibration_batches": len(inputs.calibration), "scales": len(result.labels),
+           "evaluations": result.evaluations, "search_seconds": round(result.wall_seconds, 1),
+           "evaluations_per_second": round(result.evaluations_per_second, 3),
+           "observe_seconds": round(t_observe, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+           "objective_start": result.initial_objective, "objective_final": result.final_objective}
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(row), flush=True)
+    return row
