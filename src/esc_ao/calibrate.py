@@ -32,8 +32,8 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.config import SearchConfig
-from esc_ao.local_step import local_mse_scales
 from esc_ao.distributed import Cluster, cluster_from_env
+from esc_ao.local_step import local_mse_scales
 from esc_ao.objectives import Objective, OutputMSE, first_tensor, objective_parts
 from esc_ao.observers import observer_mode
 from esc_ao.pipeline import Batch, as_batches
@@ -129,7 +129,7 @@ def _first_nonfinite(prepared: GraphModule, batch: Batch) -> str:
     return found[0] if found else "(none: the objective itself returned a non-finite value)"
 
 
-def _check_shapes(refs: list[Any], batches: list[Batch]) -> None:  # noqa: ARG001
+def _check_shapes(refs: list[Any]) -> None:
     shapes = {tuple(first_tensor(r).shape[1:]) for r in refs}
     if len(shapes) > 1:
         raise ValueError(
@@ -235,7 +235,7 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
         d.observer.set_scale(None)
     observer_scales = [d.observer.init_scale for d in dims]
     evaluate = _Evaluator(prepared, dims, cluster.shard(batches), objective or OutputMSE(), cluster)
-    _check_shapes(evaluate.refs, batches)
+    _check_shapes(evaluate.refs)
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(dims, observer_scales, config, len(batches))

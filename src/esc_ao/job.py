@@ -130,7 +130,7 @@ def quantize_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         report["size"]["program_file_bytes"] = save_program(converted, calibration[0], out_dir / "model.pt2")
         if esc is not None and esc.history:
-            plot_convergence(esc, out_dir / "convergence.png")
+            plot_convergence(esc.history, esc.initial_objective, out_dir / "convergence.png")
         write_json_atomic(out_dir / "report.json", report)
         write_text_atomic(out_dir / "report.md", render_markdown(report))
     report["total_seconds"] = round(time.perf_counter() - t0, 2)

@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
-from esc_ao.observers import iter_observers, observer_mode
+from esc_ao.observers import observer_mode
 
 __all__ = [
     "CalibrationDataError",
@@ -110,7 +110,7 @@ def observe(prepared: GraphModule, data: Iterable[Any]) -> int:
         NonFiniteActivationError: a batch produced NaN/Inf (names the tensor).
     """
     batches = as_batches(data)
-    if not any(True for _ in iter_observers(prepared)) and not _has_any_observer(prepared):
+    if not _has_any_observer(prepared):
         raise CalibrationDataError(
             "the model has no observers: pass the output of prepare_pt2e (not the float or converted model)"
         )

@@ -169,22 +169,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, default=default, allow_nan=True) + "\n")
 
 
-def plot_convergence(result: Any, path: Path) -> None:
+def plot_convergence(history: list[dict[str, float]], start_objective: float, path: Path) -> None:
     """Best and mean objective per CMA-ES generation (log scale), and sigma, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gens = [h["generation"] for h in result.history]
+    gens = [h["generation"] for h in history]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    ax.plot(gens, [h["best"] for h in result.history], label="best of generation")
-    ax.plot(gens, [h["mean"] for h in result.history], label="mean of generation", alpha=0.7)
-    ax.axhline(result.initial_objective, color="grey", linestyle="--", label="local step")
+    ax.plot(gens, [h["best"] for h in history], label="best of generation")
+    ax.plot(gens, [h["mean"] for h in history], label="mean of generation", alpha=0.7)
+    ax.axhline(start_objective, color="grey", linestyle="--", label="start (local step)")
     ax.set_yscale("log")
     ax.set_ylabel("objective")
     ax.legend()
-    ax2.plot(gens, [h["sigma"] for h in result.history], color="tab:green")
+    ax2.plot(gens, [h["sigma"] for h in history], color="tab:green")
     ax2.set_ylabel("sigma")
     ax2.set_xlabel("generation")
     fig.tight_layout()

@@ -45,13 +45,8 @@ def run_esc_bench(out_dir: Path, bits: list[str], search: SearchConfig, n_calibr
                "seed": search.seed}
         rows.append(row)
         print(row, flush=True)
-
-        class _R:  # plot_convergence reads .history and .initial_objective
-            history = esc["history"]
-            initial_objective = esc["initial_objective"]
-
         if esc["history"]:
-            plot_convergence(_R, out_dir / f"whisper_encoder_esc_{label}.png")
+            plot_convergence(esc["history"], esc["initial_objective"], out_dir / f"whisper_encoder_esc_{label}.png")
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     write_json_atomic(out_dir / "whisper_encoder_esc.json", {"meta": meta, "rows": rows})
     lines = ["# ESC vs MSE on Whisper tiny.en's encoder (output SQNR, dB, held-out clips)", "",
