@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -90,8 +91,13 @@ def _quantize(args: argparse.Namespace) -> int:
     else:
         inputs, graph = whisper_default(args.calib_clips), None
     search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
-    report = quantize_job(inputs, config, args.out, keep_float=args.keep_float, graph=graph, search=search,
-                          objective=objective_by_name(args.objective), checkpoint=args.checkpoint)
+    # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
+    driver = os.environ.get("RANK", "0") == "0"
+    report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
+                          search=search, objective=objective_by_name(args.objective),
+                          checkpoint=args.checkpoint if driver else None)
+    if not driver:
+        return 0
     print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
           f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json "
           f"({report['total_seconds']:.0f} s)")
