@@ -95,7 +95,10 @@ class SearchConfig:
     local_grid: int = 16
     local_batches: int = 1
     progress: bool = True
-    dist_timeout_s: float = 120.0
+    # Long enough for the local step, which rank 0 runs while the others wait (measured:
+    # over 120 s for Whisper's encoder on one thread); a rank that dies is still detected
+    # at once by gloo's closed connection.
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sigma0 <= 2.0:
