@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from esc_ao.atomic import atomic_path
 from esc_ao.config import SearchConfig
 from esc_ao.distributed import Cluster, cluster_from_env
 from esc_ao.local_step import local_mse_scales
@@ -147,16 +147,10 @@ def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: Sea
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ the value and the fix.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -17,6 +15,7 @@ from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
+from esc_ao.atomic import atomic_path
 from esc_ao.observers import observer_mode
 
 __all__ = [
@@ -157,12 +156,6 @@ def save_program(model: torch.nn.Module, example_inputs: Sequence[Any], path: Pa
     if path.parent and not path.parent.exists():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
     program = torch.export.export(model, tuple(example_inputs))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path.stat().st_size

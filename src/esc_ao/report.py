@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +16,7 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from esc_ao.atomic import atomic_path
 from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 
@@ -149,15 +148,8 @@ def _get_attr(module: torch.nn.Module, target: str) -> torch.Tensor:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes via a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -188,13 +180,8 @@ def plot_convergence(history: list[dict[str, float]], start_objective: float, pa
     ax2.set_ylabel("sigma")
     ax2.set_xlabel("generation")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
