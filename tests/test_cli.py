@@ -33,6 +33,7 @@ def test_quantize_default_writes_program_and_report(tmp_path: Path, capsys) -> N
 
 
 def test_quantize_program_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the SQNR floor below was measured on this seed
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
     x = torch.randn(3, 16)
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "mlp.pt2"))
