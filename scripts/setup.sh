@@ -21,6 +21,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 else
   echo "setup: .venv is up to date"
 fi
+# g++ for the native runner (present on most images; Debian package otherwise).
+command -v c++ >/dev/null || { echo "setup: installing g++"; apt-get install -y -q g++ >/dev/null; }
+bash scripts/build_runner.sh
 .venv/bin/python - <<'PY'
 import torch, torchaudio, torchao, cma
 assert torch.__version__.startswith("2.14.1"), f"torch {torch.__version__}: expected 2.14.1 (rm -rf .venv and rerun)"

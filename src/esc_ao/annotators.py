@@ -13,6 +13,18 @@ Roles:
 
 Ops not in the table (GELU, SiLU, GLU, softmax, ...) compute in float; their outputs are
 quantized wherever they feed a quantized op, because that op's input is annotated.
+
+Two targets (``TARGETS``):
+* ``reference``: the paper's full integer model. Every input of the ops above is on an
+  integer grid, attention matmuls included; outputs are quantized only where a quantized
+  op reads them.
+* ``xnnpack``: what ExecuTorch's XNNPACK delegate runs as integer kernels. A static int8
+  XNNPACK operator reads int8 and writes int8 (dequantize -> op -> quantize), so linear,
+  conv, add, sub and mul get their outputs quantized too. XNNPACK runs bmm and softmax
+  in float only, so the attention matmuls are left float (quantizing their inputs would
+  add error and two conversions each, for no integer kernel), and LayerNorm, which runs
+  as float ops, gets only its output quantized (its input is already the int8 output of
+  a residual add).
 """
 
 from __future__ import annotations
@@ -28,20 +40,23 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-__all__ = ["ANNOTATION_KEY", "OP_ROLES", "Role", "Specs", "annotate_node", "float_tensor_inputs"]
+__all__ = ["ANNOTATION_KEY", "OP_ROLES", "TARGETS", "Role", "Specs", "Target", "annotate_node",
+           "float_tensor_inputs", "xnnpack_skip_reason"]
 
 aten = torch.ops.aten
 ANNOTATION_KEY = "quantization_annotation"
 
-Role = Literal["weighted", "binary", "norm", "passthrough"]
+Role = Literal["weighted", "binary", "matmul", "norm", "passthrough"]
+Target = Literal["reference", "xnnpack"]
+TARGETS: tuple[str, ...] = ("reference", "xnnpack")
 
 OP_ROLES: dict[object, Role] = {
     aten.linear.default: "weighted",
     aten.conv1d.default: "weighted",
     aten.conv2d.default: "weighted",
-    aten.matmul.default: "binary",
-    aten.bmm.default: "binary",
-    aten.mm.default: "binary",
+    aten.matmul.default: "matmul",
+    aten.bmm.default: "matmul",
+    aten.mm.default: "matmul",
     aten.add.Tensor: "binary",
     aten.sub.Tensor: "binary",
     aten.mul.Tensor: "binary",
@@ -88,29 +103,37 @@ def _is_float_tensor(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def annotate_node(node: Node, role: Role, specs: Specs) -> bool:
+def xnnpack_skip_reason(role: Role) -> str | None:
+    """Why target='xnnpack' leaves an op of this role float, or None."""
+    if role == "matmul":
+        return "XNNPACK runs bmm in float only (target='xnnpack')"
+    return None
+
+
+def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "reference") -> bool:
     """Writes the quantization annotation of one node; returns False when the node has
     nothing to quantize (e.g. a mul by a scalar)."""
     if not _is_float_tensor(node):
         return False
     act = specs.activation
+    xnn = target == "xnnpack"
     inputs: dict[Node, QuantizationSpec | SharedQuantizationSpec] = {}
     output = None
     if role == "weighted":
         x, w = node.args[0], node.args[1]
         if not (isinstance(x, Node) and isinstance(w, Node)):
             return False
-        inputs = {x: act, w: specs.weight}
-    elif role == "binary":
+        inputs, output = {x: act, w: specs.weight}, (act if xnn else None)
+    elif role in ("binary", "matmul"):
         tensors = float_tensor_inputs(node)
         if len(tensors) < 2:
             return False
-        inputs = {t: act for t in tensors}
+        inputs, output = {t: act for t in tensors}, (act if xnn else None)
     elif role == "norm":
         x = node.args[0]
         if not isinstance(x, Node):
             return False
-        inputs, output = {x: act}, act
+        inputs, output = ({} if xnn else {x: act}), act
     else:  # passthrough
         x = node.args[0]
         if not isinstance(x, Node) or not _is_float_tensor(x):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from esc_ao.annotators import TARGETS
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.objectives import objective_by_name
 from esc_ao.job import JobInputs, quantize_job, whisper_default
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", action="append", default=[], metavar="MODULE",
                    help="qualified module name to leave in float (repeatable), e.g. encoder.blocks.3")
     q.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    q.add_argument("--target", default="xnnpack", choices=TARGETS,
+                   help="xnnpack (default): the ops XNNPACK runs as int8 kernels, int8 in and out; "
+                        "reference: the paper's full integer model (attention matmuls too)")
+    q.add_argument("--no-pte", action="store_true", help="skip the ExecuTorch .pte (write model.pt2 only)")
     e = q.add_argument_group("ESC search (--method esc)")
     e.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                    help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)")
@@ -66,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--budget", type=int, default=3)
     bc.add_argument("--popsize", type=int, default=8)
     bc.add_argument("--calib-clips", type=int, default=None)
+    bs = bsub.add_parser("speed", help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native "
+                                      "runner), size, peak memory")
+    bs.add_argument("--models", nargs="+", default=["conformer", "whisper-encoder", "ast"])
+    bs.add_argument("--variants", nargs="+", default=["float", "int8", "w4a4", "w4-dyn"])
+    bs.add_argument("--runs", type=int, default=20)
+    bs.add_argument("--rounds", type=int, default=3)
+    bs.add_argument("--out", type=Path, default=Path("docs/results"))
+    bs.add_argument("--work", type=Path, default=Path("esc_ao_out/speed"), help="where the .pte files go")
+    bs.add_argument("--reuse", action="store_true", help="reuse .pte files (and their .json) already in --work")
+    bs.add_argument("--lower-only", action="store_true", help="write the .pte files, time nothing")
     return p
 
 
@@ -95,12 +110,13 @@ def _quantize(args: argparse.Namespace) -> int:
     driver = os.environ.get("RANK", "0") == "0"
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
-                          checkpoint=args.checkpoint if driver else None)
+                          checkpoint=args.checkpoint if driver else None, target=args.target,
+                          write_pte=not args.no_pte)
     if not driver:
         return 0
     print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
           f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json "
-          f"({report['total_seconds']:.0f} s)")
+          f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)")
     return 0
 
 
@@ -119,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_esc_bench(args.out, args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
                       args.calib_clips)
+        return 0
+    if args.command == "bench" and args.bench == "speed":
+        from esc_ao.bench.speed import run_speed_bench
+
+        run_speed_bench(args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse,
+                        args.lower_only)
         return 0
     if args.command == "bench" and args.bench == "calib":
         from esc_ao.bench.esc import run_calib_bench

@@ -77,9 +77,13 @@ def quantize_job(
     search: SearchConfig | None = None,
     objective: Objective | None = None,
     checkpoint: Path | None = None,
+    target: str = "reference",
+    write_pte: bool = False,
 ) -> dict[str, Any]:
     """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
-    and ``report.md`` into ``out_dir`` (nothing is written when it is None).
+    and ``report.md`` into ``out_dir`` (nothing is written when it is None), and with
+    ``write_pte`` the ExecuTorch XNNPACK program ``model.pte`` (checked against the
+    converted graph; its op coverage goes into the report).
 
     Args:
         keep_float: qualified module names left in float.
@@ -87,12 +91,13 @@ def quantize_job(
             ``inputs.model`` when None.
         search, objective, checkpoint: ESC's search settings (method "esc" only; default
             SearchConfig()), its objective (default output MSE) and checkpoint file.
+        target: EscQuantizer's target ("reference" or "xnnpack", see esc_ao.annotators).
     """
     t0 = time.perf_counter()
     calibration = as_batches(inputs.calibration)
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
     gm = graph if graph is not None else export_model(inputs.model, calibration[0])
-    quantizer = EscQuantizer(config)
+    quantizer = EscQuantizer(config, target=target)
     for name in keep_float:
         quantizer.set_module_name(name, None)
     prepared = prepare(gm, quantizer)
@@ -110,6 +115,7 @@ def quantize_job(
         "model": inputs.name,
         "config": {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "method": config.method,
                    "act_symmetric": config.act_symmetric, "label": config.label},
+        "target": target,
         "keep_float": list(keep_float),
         "calibration_batches": len(calibration),
         "heldout_batches": len(heldout),
@@ -129,6 +135,11 @@ def quantize_job(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         report["size"]["program_file_bytes"] = save_program(converted, calibration[0], out_dir / "model.pt2")
+        if write_pte:
+            from esc_ao.lower import to_executorch
+
+            lowered = to_executorch(converted, calibration[0], out_dir / "model.pte", act_bits=config.act_bits)
+            report["executorch"] = {**lowered.as_dict(), "summary": lowered.coverage.summary()}
         if esc is not None and esc.history:
             plot_convergence(esc.history, esc.initial_objective, out_dir / "convergence.png")
         write_json_atomic(out_dir / "report.json", report)
@@ -154,9 +165,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- weights: {size['float32_bytes'] / 1e6:.2f} MB float32 -> {size['quantized_bytes'] / 1e6:.2f} MB "
         f"at {cfg['weight_bits']} bits"
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
-        f"- kept float: {', '.join(report['keep_float']) or 'nothing'}",
+        f"- kept float: {', '.join(report['keep_float']) or 'nothing'}; annotation target: "
+        f"{report.get('target', 'reference')}",
         f"- calibration time: {report['calibration_seconds']:.1f} s",
     ]
+    pte = report.get("executorch")
+    if pte:
+        lines.append(f"- ExecuTorch program model.pte: {pte['size_bytes'] / 1e6:.2f} MB; {pte['summary']}; "
+                     f"its output vs the converted graph: {pte['sqnr_db']:.1f} dB SQNR")
     esc = report.get("esc")
     if esc:
         lines += [

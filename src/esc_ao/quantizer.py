@@ -19,7 +19,16 @@ import torch
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
-from esc_ao.annotators import OP_ROLES, Role, Specs, annotate_node, is_annotated
+from esc_ao.annotators import (
+    OP_ROLES,
+    TARGETS,
+    Role,
+    Specs,
+    Target,
+    annotate_node,
+    is_annotated,
+    xnnpack_skip_reason,
+)
 from esc_ao.config import QuantConfig
 from esc_ao.graph_prep import SKIP_KEY, decompose_sdpa, drop_noop_casts
 from esc_ao.observers import (
@@ -89,10 +98,17 @@ class EscQuantizer(Quantizer):
     Args:
         config: the global QuantConfig; overrides by module name (highest priority) and
             by module type refine it; an override of ``None`` keeps those modules float.
+        target: ``"reference"`` (the paper's full integer model, every op's inputs on
+            integer grids) or ``"xnnpack"`` (the ops ExecuTorch's XNNPACK delegate runs as
+            int8 kernels, with int8 outputs so consecutive integer ops chain without
+            float in between); see ``esc_ao.annotators``.
     """
 
-    def __init__(self, config: QuantConfig | None = None) -> None:
+    def __init__(self, config: QuantConfig | None = None, target: Target = "reference") -> None:
         super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
+        self.target: Target = target
         self.global_config: QuantConfig | None = config if config is not None else QuantConfig()
         self.module_name_config: dict[str, QuantConfig | None] = {}
         self.module_type_config: dict[str, QuantConfig | None] = {}
@@ -166,17 +182,24 @@ class EscQuantizer(Quantizer):
         if role == "passthrough":
             if config is None or not any(is_annotated(u) for u in node.users):
                 return None
-            annotate_node(node, role, self.specs(config))
+            annotate_node(node, role, self.specs(config), self.target)
             return None  # passthroughs are not worth a report line
         if config is None:
             return AnnotationRecord(node.name, op, module, False, "float", f"kept float by {source}")
         if SKIP_KEY in node.meta:
             return AnnotationRecord(node.name, op, module, False, "float", str(node.meta[SKIP_KEY]))
-        if not annotate_node(node, role, self.specs(config)):
+        skip = xnnpack_skip_reason(role) if self.target == "xnnpack" else None
+        if skip is not None:
+            return AnnotationRecord(node.name, op, module, False, "float", skip)
+        if not annotate_node(node, role, self.specs(config), self.target):
             return AnnotationRecord(node.name, op, module, False, "float",
                                     "fewer than two tensor operands (scalar operand folds into the scale)")
         detail = {"weighted": "per-channel weight, per-tensor input",
-                  "binary": "per-tensor inputs", "norm": "per-tensor input and output"}[role]
+                  "binary": "per-tensor inputs", "matmul": "per-tensor inputs",
+                  "norm": "per-tensor input and output"}[role]
+        if self.target == "xnnpack":
+            detail = {"weighted": "per-channel weight, per-tensor input and output",
+                      "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
         return AnnotationRecord(node.name, op, module, True, config.label,
                                 f"{config.method} calibration, {detail} ({source})")
 

@@ -1,0 +1,215 @@
+"""Latency, size and peak memory of float vs integer ExecuTorch XNNPACK programs.
+
+    esc-ao bench speed [--models conformer whisper-encoder ast] [--variants ...] [--runs 20] [--rounds 3]
+
+For each model, every variant is lowered to a .pte (checked against its graph by
+``to_executorch``), then all of them run in the native C++ runner on the same input,
+interleaved round by round (so drift of the machine hits every variant alike). Reported:
+median latency over all rounds (each round's median of ``runs`` runs) with the spread of
+the round medians, .pte size, the runner's peak resident memory, the ratio to float.
+Writes ``speed.json`` (one record per model x variant) and ``speed.md``.
+
+Variants:
+* ``float``: the float model, same graph rewrites (one delegate), fp32 XNNPACK kernels.
+* ``int8``: EscQuantizer(target="xnnpack") W8A8, static int8 kernels.
+* ``w4a4``: the same with 4-bit grids: weights in [-8, 7] and activations in [-8, 7],
+  run by the int8 kernels (XNNPACK has no 4-bit activation type).
+* ``w4-dyn``: int4 per-channel weights with dynamic int8 activations (XNNPACK qd8-qc4w
+  linears, from the stock XNNPACKQuantizer's dynamic config); other ops float.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from esc_ao.report import write_json_atomic, write_text_atomic
+
+__all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
+
+VARIANTS = ("float", "int8", "w4a4", "w4-dyn")
+
+
+def _conformer() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
+    from esc_ao.speech import ConformerCTC
+
+    torch.manual_seed(0)
+    model = ConformerCTC().eval()  # 8.4M parameters, 16 layers, d=144
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 1000, 80, generator=g),) for _ in range(2)]  # 10 s at 10 ms hop
+    return model, batches[0], batches
+
+
+def _whisper() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
+    from esc_ao.job import whisper_default
+
+    inputs = whisper_default(2)
+    return inputs.model, inputs.calibration[0], inputs.calibration
+
+
+def _ast() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
+    from esc_ao.speech import AST
+
+    torch.manual_seed(0)
+    model = AST().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 100, 128, generator=g),) for _ in range(2)]
+    return model, batches[0], batches
+
+
+def _linear_stack() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
+    # The Conformer's FFN GEMMs alone (16 x 144->576->144 on 250 frames): what the int8
+    # GEMM kernels gain over fp32 on this CPU bounds what any whole model can gain.
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(16):
+        layers += [torch.nn.Linear(144, 576), torch.nn.ReLU(), torch.nn.Linear(576, 144), torch.nn.ReLU()]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 250, 144, generator=g),) for _ in range(2)]
+    return torch.nn.Sequential(*layers).eval(), batches[0], batches
+
+
+MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]]] = {
+    "conformer": _conformer, "whisper-encoder": _whisper, "ast": _ast, "linear-stack": _linear_stack}
+DESCRIPTION = {
+    "conformer": "Conformer-CTC, 8.4M params (16 layers, d=144), 10 s of audio (1000 fbank frames), random weights",
+    "whisper-encoder": "Whisper tiny.en encoder (real weights), 30 s window (3000 mel frames)",
+    "ast": "AST, 5.4M params (12 layers, d=192), 1 s of audio (100 x 128 fbank), random weights",
+    "linear-stack": "GEMMs only: 16 x (Linear 144->576, ReLU, Linear 576->144, ReLU) on 250 frames, the "
+                    "Conformer's FFN shapes; the bound on what integer kernels gain on this CPU",
+}
+
+
+def _quantized(model: torch.nn.Module, batches: list[tuple], variant: str) -> torch.fx.GraphModule:
+    from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
+
+    if variant == "w4-dyn":
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+            is_per_channel=True, is_dynamic=True, weight_qmin=-8, weight_qmax=7))
+    else:
+        bits = 8 if variant == "int8" else 4
+        quantizer = EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method="mse"), target="xnnpack")
+    prepared = prepare(export_model(model, batches[0]), quantizer)
+    observe(prepared, batches)
+    return convert(prepared)
+
+
+def _lower(model: torch.nn.Module, example: tuple, batches: list[tuple], variant: str, path: Path) -> dict[str, Any]:
+    from esc_ao.lower import to_executorch
+
+    t0 = time.perf_counter()
+    if variant == "float":
+        result = to_executorch(model, example, path)
+    else:
+        # w4-dyn: the reference graph quantizes activations per tensor, XNNPACK's qd8
+        # per row, so the program is closer to float than its reference: a looser floor.
+        floor = 15.0 if variant == "w4-dyn" else None
+        result = to_executorch(_quantized(model, batches, variant), example, path,
+                               act_bits=4 if variant == "w4a4" else 8, min_sqnr_db=floor)
+    with torch.no_grad():
+        ref = model(*example)
+    from esc_ao.lower import run_pte, sqnr_db
+
+    return {"pte": str(path), "size_bytes": result.size_bytes, "prepare_and_lower_s": round(time.perf_counter() - t0, 1),
+            "sqnr_vs_graph_db": round(result.sqnr_db, 2),
+            "sqnr_vs_float_db": round(sqnr_db(ref, run_pte(path, example)[0]), 2),
+            "coverage": result.coverage.as_dict(), "coverage_summary": result.coverage.summary()}
+
+
+def _lowered(model_fn: Callable, name: str, variants: list[str], work_dir: Path, reuse: bool) -> tuple[tuple, dict]:
+    model, example, batches = model_fn()
+    lowered: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        pte, info = work_dir / f"{name}-{v}.pte", work_dir / f"{name}-{v}.json"
+        if reuse and pte.is_file() and info.is_file():
+            lowered[v] = json.loads(info.read_text())
+        else:
+            lowered[v] = _lower(model, example, batches, v, pte)
+            write_json_atomic(info, lowered[v])
+        print(f"{name} {v}: {lowered[v]['coverage_summary']}; {lowered[v]['size_bytes'] / 1e6:.1f} MB, "
+              f"{lowered[v]['prepare_and_lower_s']} s", flush=True)
+    return example, lowered
+
+
+def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: int, out_dir: Path,
+                    work_dir: Path, reuse: bool = False, lower_only: bool = False) -> list[dict[str, Any]]:
+    """Lowers (or with ``reuse``, reloads) every program, then times them all.
+
+    ``lower_only`` stops after lowering: timing is best done later on an idle machine
+    with ``reuse``, since lowering is CPU-heavy and noisy neighbours skew latencies."""
+    from esc_ao.lower.runner import run_native, runner_path
+
+    runner_path()  # fail before minutes of lowering, not after
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    prepared = {name: _lowered(MODELS[name], name, variants, work_dir, reuse) for name in models}
+    if lower_only:
+        return []
+    rows: list[dict[str, Any]] = []
+    for name, (example, lowered) in prepared.items():
+        medians: dict[str, list[float]] = {v: [] for v in variants}
+        rss: dict[str, int] = {}
+        for _ in range(rounds):
+            for v in variants:
+                run = run_native(lowered[v]["pte"], example, runs=runs, warmup=3)
+                medians[v].append(run.median_ms)
+                rss[v] = max(rss.get(v, 0), run.peak_rss_bytes)
+        base = statistics.median(medians["float"]) if "float" in medians else None
+        for v in variants:
+            med = statistics.median(medians[v])
+            rows.append({"model": name, "variant": v, "median_ms": round(med, 2),
+                         "round_medians_ms": [round(m, 2) for m in medians[v]],
+                         "speedup_vs_float": round(base / med, 2) if base else None,
+                         "peak_rss_bytes": rss[v], **lowered[v]})
+            print(f"{name} {v}: {med:.1f} ms (rounds {medians[v]}), x{rows[-1]['speedup_vs_float']}", flush=True)
+    _write(rows, runs, rounds, out_dir)
+    return rows
+
+
+def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) -> None:
+    meta = {"machine": f"{platform.machine()} {_cpu_name()}, {torch.get_num_threads()} cores",
+            "runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
+            "runs_per_round": runs, "rounds": rounds, "torch": torch.__version__}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "speed.json", {"meta": meta, "rows": rows})
+    lines = ["# ExecuTorch XNNPACK speed: float vs integer programs", "",
+             f"Command: `esc-ao bench speed --runs {runs} --rounds {rounds}`; {meta['machine']}; {meta['runner']}. "
+             "Latency: median over rounds of each round's median, variants interleaved round by round; spread = "
+             "min..max of the round medians. Peak RSS: the runner process.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"## {model}", "", DESCRIPTION.get(model, ""), "",
+                  "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | SQNR vs graph dB | "
+                  "SQNR vs float dB | where the ops run |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["model"] == model):
+            spread = f"{min(r['round_medians_ms']):.1f}..{max(r['round_medians_ms']):.1f}"
+            lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {spread} | {r['speedup_vs_float']}x | "
+                         f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_graph_db']} | "
+                         f"{r['sqnr_vs_float_db']} | {r['coverage_summary']} |")
+        lines.append("")
+    write_text_atomic(out_dir / "speed.md", "\n".join(lines))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
