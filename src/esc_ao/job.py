@@ -138,7 +138,8 @@ def quantize_job(
         if write_pte:
             from esc_ao.lower import to_executorch
 
-            lowered = to_executorch(converted, calibration[0], out_dir / "model.pte", act_bits=config.act_bits)
+            lowered = to_executorch(converted, heldout[0], out_dir / "model.pte", act_bits=config.act_bits,
+                                    reference=inputs.model if graph is None else None)
             report["executorch"] = {**lowered.as_dict(), "summary": lowered.coverage.summary()}
         if esc is not None and esc.history:
             plot_convergence(esc.history, esc.initial_objective, out_dir / "convergence.png")
@@ -172,7 +173,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     pte = report.get("executorch")
     if pte:
         lines.append(f"- ExecuTorch program model.pte: {pte['size_bytes'] / 1e6:.2f} MB; {pte['summary']}; "
-                     f"its output vs the converted graph: {pte['sqnr_db']:.1f} dB SQNR")
+                     f"output SQNR vs the converted graph {pte['sqnr_db']:.1f} dB"
+                     + (f", vs float {pte['program_vs_float_db']:.1f} dB (graph: {pte['graph_vs_float_db']:.1f} dB)"
+                        if pte.get("program_vs_float_db") is not None else ""))
     esc = report.get("esc")
     if esc:
         lines += [

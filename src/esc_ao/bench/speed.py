@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from esc_ao.lower.executorch import LoweringError
 from esc_ao.report import write_json_atomic, write_text_atomic
 
 __all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
@@ -112,17 +113,14 @@ def _lower(model: torch.nn.Module, example: tuple, batches: list[tuple], variant
     if variant == "float":
         result = to_executorch(model, example, path)
     else:
-        # w4-dyn: the reference graph quantizes activations per tensor, XNNPACK's qd8
-        # per row, so the program is closer to float than its reference: a looser floor.
-        floor = 15.0 if variant == "w4-dyn" else None
-        result = to_executorch(_quantized(model, batches, variant), example, path,
-                               act_bits=4 if variant == "w4a4" else 8, min_sqnr_db=floor)
-    with torch.no_grad():
-        ref = model(*example)
+        result = to_executorch(_quantized(model, batches, variant), example, path, reference=model)
     from esc_ao.lower import run_pte, sqnr_db
 
+    with torch.no_grad():
+        ref = model(*example)
     return {"pte": str(path), "size_bytes": result.size_bytes, "prepare_and_lower_s": round(time.perf_counter() - t0, 1),
             "sqnr_vs_graph_db": round(result.sqnr_db, 2),
+            "graph_vs_float_db": None if result.graph_vs_float_db is None else round(result.graph_vs_float_db, 2),
             "sqnr_vs_float_db": round(sqnr_db(ref, run_pte(path, example)[0]), 2),
             "coverage": result.coverage.as_dict(), "coverage_summary": result.coverage.summary()}
 
@@ -135,7 +133,12 @@ def _lowered(model_fn: Callable, name: str, variants: list[str], work_dir: Path,
         if reuse and pte.is_file() and info.is_file():
             lowered[v] = json.loads(info.read_text())
         else:
-            lowered[v] = _lower(model, example, batches, v, pte)
+            try:
+                lowered[v] = _lower(model, example, batches, v, pte)
+            except LoweringError as exc:  # recorded in the table, not fatal to the others
+                print(f"{name} {v}: FAILED {exc}", flush=True)
+                lowered[v] = {"error": str(exc).splitlines()[0][:300]}
+                continue
             write_json_atomic(info, lowered[v])
         print(f"{name} {v}: {lowered[v]['coverage_summary']}; {lowered[v]['size_bytes'] / 1e6:.1f} MB, "
               f"{lowered[v]['prepare_and_lower_s']} s", flush=True)
@@ -163,15 +166,18 @@ def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: i
         return []
     rows: list[dict[str, Any]] = []
     for name, (example, lowered) in prepared.items():
-        medians: dict[str, list[float]] = {v: [] for v in variants}
+        failed = {v: info for v, info in lowered.items() if "error" in info}
+        rows += [{"model": name, "variant": v, "error": info["error"]} for v, info in failed.items()]
+        variants_ok = [v for v in variants if v not in failed]
+        medians: dict[str, list[float]] = {v: [] for v in variants_ok}
         rss: dict[str, int] = {}
         for _ in range(rounds):
-            for v in variants:
+            for v in variants_ok:
                 run = run_native(lowered[v]["pte"], example, runs=runs, warmup=3)
                 medians[v].append(run.median_ms)
                 rss[v] = max(rss.get(v, 0), run.peak_rss_bytes)
         base = statistics.median(medians["float"]) if "float" in medians else None
-        for v in variants:
+        for v in variants_ok:
             med = statistics.median(medians[v])
             rows.append({"model": name, "variant": v, "median_ms": round(med, 2),
                          "round_medians_ms": [round(m, 2) for m in medians[v]],
@@ -194,13 +200,16 @@ def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) ->
              "min..max of the round medians. Peak RSS: the runner process.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {model}", "", DESCRIPTION.get(model, ""), "",
-                  "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | SQNR vs graph dB | "
-                  "SQNR vs float dB | where the ops run |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
+                  "graph vs float dB | where the ops run |", "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
+            if "error" in r:
+                lines.append(f"| {r['variant']} | lowering failed: {r['error']} |||||||")
+                continue
             spread = f"{min(r['round_medians_ms']):.1f}..{max(r['round_medians_ms']):.1f}"
             lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {spread} | {r['speedup_vs_float']}x | "
-                         f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_graph_db']} | "
-                         f"{r['sqnr_vs_float_db']} | {r['coverage_summary']} |")
+                         f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_float_db']} | "
+                         f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |")
         lines.append("")
     write_text_atomic(out_dir / "speed.md", "\n".join(lines))
 

@@ -3,7 +3,7 @@ the XNNPACK delegate, and portable kernels outside it (with the partitioner's re
 
 An op inside the delegate counts as an integer kernel when XNNPACK fuses it with the
 quantize/dequantize nodes around it: every tensor input comes from a dequantize node and
-every user is a quantize node (that is the pattern XNNPACK turns into one qs8 operator),
+every user is a quantize node and XNNPACK has a qs8 kernel for it (``_QS8``),
 or it is a GEMM (linear/conv/mm) whose input and weight both come from dequantize nodes
 and whose output is float: XNNPACK's dynamic-activation qd8 kernels (int8 x int8/int4).
 Quantize/dequantize nodes themselves are conversions; views and permutes move data.
@@ -27,6 +27,10 @@ _DEQUANT = ("dequantize_per_tensor", "dequantize_per_channel", "dequantize_affin
 _MOVES = ("view", "permute", "transpose", "unsqueeze", "squeeze", "slice", "select", "expand",
           "clone", "cat", "_to_dim_order_copy", "_clone_dim_order", "constant_pad_nd")
 _GEMMS = ("linear", "convolution", "mm", "addmm")
+# Ops XNNPACK has static int8 (qs8) kernels for; any other op between a dequantize and a
+# quantize (GELU, softmax, sigmoid, ...) runs in float between two conversions.
+_QS8 = _GEMMS + ("add.Tensor", "sub.Tensor", "mul.Tensor", "mean.dim", "hardtanh", "relu", "clamp",
+                 "max_pool2d", "avg_pool2d", "cat")
 _LOGGER_PREFIX = "executorch.backends.xnnpack.partition"
 
 
@@ -85,7 +89,7 @@ def _classify_delegated(gm: GraphModule, cov: Coverage) -> None:
             tensors = [a for a in node.all_input_nodes if a.op == "call_function" or a.op == "placeholder"]
             acts = [a for a in tensors if a.op == "call_function"]
             from_dq = bool(acts) and all(_is(a, _DEQUANT) for a in acts)
-            static = from_dq and bool(node.users) and all(_is(u, _QUANT) for u in node.users)
+            static = from_dq and name in _QS8 and bool(node.users) and all(_is(u, _QUANT) for u in node.users)
             dynamic = from_dq and name in _GEMMS and len(acts) >= 2
             (cov.integer if static or dynamic else cov.float_delegated)[name] += 1
 
