@@ -19,7 +19,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/resource.h>
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
@@ -129,12 +128,15 @@ int main(int argc, char** argv) {
 
   std::sort(ms.begin(), ms.end());
   const double median = ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
-  // Peak resident memory of this process: the program, its planned buffers, XNNPACK's
-  // packed weights and workspace; what a deployment of this .pte holds.
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
+  // Peak resident memory of this process (the program, its planned buffers, XNNPACK's
+  // packed weights and workspace): VmHWM, which exec resets. getrusage's ru_maxrss does
+  // not: it kept the high-water mark of the Python parent this process was forked from.
+  long peak_kb = -1;
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmHWM:", 0) == 0) peak_kb = std::atol(line.c_str() + 6);
   std::printf("{\"median_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, \"runs\": %zu, \"outputs\": %zu, "
               "\"peak_rss_kb\": %ld}\n",
-              median, ms.front(), ms.back(), ms.size(), outputs.size(), usage.ru_maxrss);
+              median, ms.front(), ms.back(), ms.size(), outputs.size(), peak_kb);
   return 0;
 }

@@ -17,7 +17,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts"]
+__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "tidy"]
 
 # node.meta key: this node must stay float; the value says why (shown in the report).
 SKIP_KEY = "esc_ao_keep_float"
@@ -69,10 +69,15 @@ def decompose_sdpa(gm: GraphModule) -> int:
             _rewrite_sdpa(gm, node, fake_mode)
             count += 1
     if count:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        tidy(gm)
     return count
+
+
+def tidy(gm: GraphModule) -> None:
+    """After a rewrite: drop the nodes it orphaned, check the graph, regenerate code."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _sdpa_args(node: Node) -> dict[str, Any]:

@@ -34,6 +34,8 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
+from esc_ao.graph_prep import tidy
+
 __all__ = ["decompose_layer_norm", "matmul_to_bmm", "prepare_for_xnnpack", "store_conv_int4_as_int8"]
 
 aten = torch.ops.aten
@@ -51,9 +53,7 @@ def decompose_layer_norm(gm: GraphModule) -> int:
             if _rewrite(gm, node):
                 count += 1
     if count:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        tidy(gm)
     return count
 
 
