@@ -52,7 +52,7 @@ def test_shapes_int_mm_cannot_take_are_left_with_the_reason() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the compiled "
-                    "int8 path is measured by `esc-ao bench speed --cuda` where one is")
+                    "int8 GEMM path needs one (numerics are tested on CPU above)")
 def test_compiled_cuda_graph_matches_the_reference() -> None:
     model, inputs = tiny_ctc()
     converted = quantized(model, inputs)
