@@ -115,7 +115,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if not driver:
         return 0
     print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
-          f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json "
+          f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json"
           f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)")
     return 0
 
