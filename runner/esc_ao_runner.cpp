@@ -78,6 +78,7 @@ Options parse(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
+  if (!std::ifstream(opt.model)) fail("cannot open program " + opt.model + " (no such file, or unreadable)");
   Module module(opt.model, Module::LoadMode::MmapUseMlock);
   if (module.load_forward() != Error::Ok) fail("cannot load method forward of " + opt.model);
   auto meta = module.method_meta("forward");

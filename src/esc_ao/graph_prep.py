@@ -17,7 +17,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "tidy"]
+__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "resolve_attr", "tidy"]
 
 # node.meta key: this node must stay float; the value says why (shown in the report).
 SKIP_KEY = "esc_ao_keep_float"
@@ -71,6 +71,14 @@ def decompose_sdpa(gm: GraphModule) -> int:
     if count:
         tidy(gm)
     return count
+
+
+def resolve_attr(module: torch.nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted target names on ``module``."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def tidy(gm: GraphModule) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.atomic import atomic_path
+from esc_ao.graph_prep import resolve_attr
 from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 
@@ -134,16 +135,9 @@ def weight_bytes(prepared: GraphModule, weight_bits: int) -> dict[str, int]:
         obs = prepared.get_submodule(node.target)
         src = node.args[0]
         if isinstance(obs, PerChannelWeightObserver) and isinstance(src, Node) and src.op == "get_attr":
-            n_weights += _get_attr(prepared, str(src.target)).numel()
+            n_weights += resolve_attr(prepared, str(src.target)).numel()
             n_channels += obs.absmax.numel()
     return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_weights * weight_bits + 7) // 8 + 4 * n_channels}
-
-
-def _get_attr(module: torch.nn.Module, target: str) -> torch.Tensor:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from esc_ao.graph_prep import resolve_attr, tidy
+
 __all__ = ["CudaLowering", "compile_for_cuda", "int8_linear", "lower_int8_linears"]
 
 qd = torch.ops.quantized_decomposed
@@ -62,9 +64,7 @@ def _is(node: object, op: object) -> bool:
 
 def _constant(gm: GraphModule, node: object) -> torch.Tensor | None:
     if isinstance(node, Node) and node.op == "get_attr":
-        value = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
+        value = resolve_attr(gm, str(node.target))
         return value if isinstance(value, torch.Tensor) else None
     return None
 
@@ -109,9 +109,7 @@ def lower_int8_linears(gm: GraphModule) -> CudaLowering:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         replaced += 1
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    tidy(gm)
     return CudaLowering(replaced, skipped)
 
 
