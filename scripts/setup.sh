@@ -21,8 +21,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 else
   echo "setup: .venv is up to date"
 fi
-# g++ for the native runner (present on most images; Debian package otherwise).
-command -v c++ >/dev/null || { echo "setup: installing g++"; apt-get install -y -q g++ >/dev/null; }
+# Debian packages: g++ for the native runner; the TTS engines and voices the corpora use.
+need=()
+command -v c++ >/dev/null || need+=(g++)
+command -v flite >/dev/null || need+=(flite)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+command -v text2wave >/dev/null || need+=(festival)
+for v in english/kal_diphone:festvox-kallpc16k english/ked_diphone:festvox-kdlpc16k \
+         us/cmu_us_slt_arctic_hts:festvox-us-slt-hts; do
+  [ -d "/usr/share/festival/voices/${v%%:*}" ] || need+=("${v##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need[*]}"
+  apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q "${need[@]}" >/dev/null; } \
+    || { echo "setup: could not install ${need[*]} (run as root, or install them by hand)" >&2; exit 1; }
+fi
 bash scripts/build_runner.sh
 .venv/bin/python - <<'PY'
 import torch, torchaudio, torchao, cma

@@ -94,3 +94,39 @@ def test_encoder_w8a8_per_layer_and_output_sqnr(model, mels) -> None:
     print(f"whisper encoder w8a8 mse: full {sqnrs[()]:.2f} dB, last block float {sqnrs[keep]:.2f} dB")
     assert sqnrs[()] > -3.0
     assert sqnrs[keep] > sqnrs[()] + 5.0
+
+
+def test_audio_and_text_halves_decode_like_whisper_decode(model, mels) -> None:
+    """The two graphs of the accuracy benchmark's Whisper task, with greedy decoding,
+    give openai-whisper's own greedy transcript."""
+    import whisper
+
+    from esc_ao.bench.whisper_task import greedy_transcribe
+    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
+    from whisper.tokenizer import get_tokenizer
+
+    audio, text = WhisperAudio(model).eval(), WhisperTextStep(model).eval()
+    with torch.no_grad():
+        ours = get_tokenizer(False).decode(greedy_transcribe(audio, text, mels[0])[0])
+        ref = whisper.decode(model, mels[0][0], whisper.DecodingOptions(language="en", without_timestamps=True,
+                                                                        fp16=False)).text
+    assert ours.strip() == ref.strip() and len(ref.split()) > 5
+
+
+def test_text_half_exports_with_dynamic_length_and_quantizes(model, mels) -> None:
+    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
+
+    audio, text = WhisperAudio(model).eval(), WhisperTextStep(model).eval()
+    with torch.no_grad():
+        k, v = audio(mels[0])
+    tokens = torch.tensor([[50257, 50362, 440, 2068, 7586, 21831]])
+    gm = export_model(text, (tokens, k, v), ({1: torch.export.Dim("n", min=2, max=64)}, None, None))
+    prepared = prepare(gm, EscQuantizer(QuantConfig(method="max")))
+    observe(prepared, [(tokens, k, v)])
+    converted = convert(prepared)
+    with torch.no_grad():
+        for n in (2, 4, 6):  # any prefix length runs; the causal mask makes prefixes agree
+            ref, got = text(tokens[:, :n], k, v), converted(tokens[:, :n], k, v)
+            assert got.shape == ref.shape
+            assert output_sqnr(ref, got) > 10.0
+        assert torch.allclose(text(tokens, k, v)[:, :4], text(tokens[:, :4], k, v), atol=1e-4)

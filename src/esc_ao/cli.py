@@ -81,6 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--work", type=Path, default=Path("esc_ao_out/speed"), help="where the .pte files go")
     bs.add_argument("--reuse", action="store_true", help="reuse .pte files (and their .json) already in --work")
     bs.add_argument("--lower-only", action="store_true", help="write the .pte files, time nothing")
+    ba = bsub.add_parser("accuracy", help="WER / accuracy of every calibration method and bit width on the trained "
+                                         "speech models (cached per cell)")
+    ba.add_argument("--models", nargs="+", default=["conformer-ctc", "ast", "whisper-tiny.en"])
+    ba.add_argument("--methods", nargs="+", default=list(METHODS))
+    ba.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
+    ba.add_argument("--calib-samples", type=int, default=100, help="calibration utterances (paper: 100)")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--budget", type=int, default=30, help="ESC's CMA-ES generations")
+    ba.add_argument("--popsize", type=int, default=8)
+    ba.add_argument("--out", type=Path, default=Path("docs/results"))
+    ba.add_argument("--cells", type=Path, default=Path("docs/results/accuracy_cells"),
+                    help="one JSON per computed cell; existing cells are reused")
+    c = sub.add_parser("corpus", help="build (or verify) the offline TTS corpora")
+    c.add_argument("names", nargs="*", default=["asr", "kws"])
     return p
 
 
@@ -141,6 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_speed_bench(args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse,
                         args.lower_only)
+        return 0
+    if args.command == "bench" and args.bench == "accuracy":
+        from esc_ao.bench.accuracy import AccuracySettings, run_accuracy_bench
+
+        settings = AccuracySettings(n_calibration=args.calib_samples, seed=args.seed, budget=args.budget,
+                                    popsize=args.popsize)
+        run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings)
+        return 0
+    if args.command == "corpus":
+        from esc_ao.corpus import load_corpus
+
+        for name in args.names:
+            corpus = load_corpus(name)
+            print(f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
+                  f"(fingerprint {corpus.manifest['fingerprint']})")
         return 0
     if args.command == "bench" and args.bench == "calib":
         from esc_ao.bench.esc import run_calib_bench

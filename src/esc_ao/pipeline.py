@@ -50,8 +50,9 @@ _HELPERS = (
 )
 
 
-def export_model(model: torch.nn.Module, example_inputs: Batch) -> GraphModule:
+def export_model(model: torch.nn.Module, example_inputs: Batch, dynamic_shapes: Any = None) -> GraphModule:
     """torch.export the model (eval mode) and return the graph module PT2E works on.
+    ``dynamic_shapes`` is passed to torch.export (e.g. a variable number of frames).
 
     Raises:
         ExportError: naming the failing operation and pointing to the speech helpers.
@@ -60,7 +61,7 @@ def export_model(model: torch.nn.Module, example_inputs: Batch) -> GraphModule:
         raise TypeError(f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}")
     model = model.eval()
     try:
-        program = torch.export.export(model, example_inputs)
+        program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # torch raises many types here; all mean "not exportable"
         raise ExportError(
             f"torch.export failed on {type(model).__name__}: {_first_lines(exc)}\n"

@@ -91,5 +91,19 @@ class ConformerCTC(nn.Module):
         self.encoder = ExportableConformer(Conformer(dim, heads, ffn, layers, kernel), split_attention)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.front(feats)))
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``lengths`` (B,) frame counts of a padded batch (training); it needs the model
+        built with ``split_attention=False``."""
+        sub = None if lengths is None else self.output_lengths(lengths)
+        return self.head(self.encoder(self.front(feats), sub))
+
+    @staticmethod
+    def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
+        """Frames after the two unpadded stride-2 3x3 convolutions."""
+        return ((lengths - 3) // 2 + 1 - 3) // 2 + 1
+
+    def split_attention_(self) -> "ConformerCTC":
+        """Switches (in place) to SplitHeadAttention for export, after training with masks."""
+        self.encoder.conformer_layers = nn.ModuleList(_with_split_attention(layer)
+                                                      for layer in self.encoder.conformer_layers)
+        return self

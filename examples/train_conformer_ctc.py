@@ -1,0 +1,147 @@
+"""Recipe: train the benchmark's Conformer-CTC on the ``asr`` corpus (sets a + b).
+
+    python examples/train_conformer_ctc.py [--max-minutes 50] [--patience 3] [--seed 0]
+
+80-bin Kaldi fbank (torchaudio), normalised with the train split's statistics; SpecAugment;
+character CTC (blank, space, apostrophe, a-z); AdamW with warm-up and cosine decay; greedy
+CTC decoding. Held-out error = WER on the calibration split (never trained on); training
+stops when it has not improved for ``--patience`` epochs or the time is up, and the best
+epoch is kept. Then the test split's WER (with a 95 % bootstrap interval) is measured and
+the checkpoint (src/esc_ao/data/models/conformer_ctc.pt) and log
+(docs/results/training/conformer_ctc.log) are written. Resumes from its work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _recipe import Log, SpecAugment, batches_of, buckets, lr_at, pad, save_state, seed_everything  # noqa: E402
+
+from esc_ao.corpus import load_corpus
+from esc_ao.metrics import wer
+from esc_ao.speech.conformer import ConformerCTC
+from esc_ao.speech.features import CTC_ALPHABET, FbankNorm, ctc_decode, ctc_encode, fbank
+from esc_ao.speech.pretrained import checkpoint_path, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"n_mels": 80, "dim": 144, "heads": 4, "ffn": 576, "layers": 6, "kernel": 15, "vocab": 32}
+
+
+def transcribe(model: ConformerCTC, feats: list[torch.Tensor]) -> list[str]:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for f in feats:  # one at a time: exactly what the deployed model sees (no padding)
+            out.append(ctc_decode(model(f.unsqueeze(0))[0]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-minutes", type=float, default=50.0)
+    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-frames", type=int, default=12000, help="padded frames per batch")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--work", type=Path, default=ROOT / ".work" / "train_conformer_ctc")
+    ap.add_argument("--out", type=Path, default=checkpoint_path("conformer-ctc"))
+    ap.add_argument("--log", type=Path, default=ROOT / "docs" / "results" / "training" / "conformer_ctc.log")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = seed_everything(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = Log(args.log)
+    corpus = load_corpus("asr")
+    t0 = time.perf_counter()
+    train, dev = corpus.utterances("train"), corpus.utterances("calibration")
+    raw = [fbank(u.audio(), CONFIG["n_mels"]) for u in train]
+    norm = FbankNorm.fit(raw)
+    feats = [norm(f) for f in raw]
+    dev_feats = [norm(fbank(u.audio(), CONFIG["n_mels"])) for u in dev]
+    labels = [torch.tensor(ctc_encode(u.text)) for u in train]
+    log("data", train=len(train), dev=len(dev), feature_seconds=round(time.perf_counter() - t0, 1),
+        train_hours=round(sum(f.shape[0] for f in feats) / 360000, 2), config=CONFIG, args={
+            k: str(v) for k, v in vars(args).items()})
+
+    model = ConformerCTC(**CONFIG, split_attention=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    augment = SpecAugment(freq=15, time=25)
+    lengths = [f.shape[0] for f in feats]
+    steps_per_epoch = len(buckets(lengths, args.max_frames, torch.Generator().manual_seed(0)))
+    total_steps = steps_per_epoch * args.max_epochs
+    state_path = args.work / "state.pt"
+    epoch, step, best, best_state, history, spent = 0, 0, float("inf"), None, [], 0.0
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
+        epoch, step, best, best_state, history, spent = (st[k] for k in ("epoch", "step", "best", "best_state",
+                                                                          "history", "spent"))
+        log("resumed", epoch=epoch, best=best)
+    log("model", params=sum(p.numel() for p in model.parameters()), steps_per_epoch=steps_per_epoch)
+    start = time.perf_counter() - spent
+    while epoch < args.max_epochs:
+        model.train()
+        t_epoch, losses = time.perf_counter(), []
+        for batch in buckets(lengths, args.max_frames, gen):
+            x, xl = pad([feats[i] for i in batch])
+            y = torch.cat([labels[i] for i in batch])
+            yl = torch.tensor([len(labels[i]) for i in batch])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.lr, 200, total_steps)
+            logits = model(augment(x), xl)
+            logp = F.log_softmax(logits, -1).transpose(0, 1)
+            loss = F.ctc_loss(logp, y, ConformerCTC.output_lengths(xl), yl, blank=0, zero_infinity=True)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            losses.append(float(loss))
+            step += 1
+        epoch += 1
+        dev_wer = wer([u.text for u in dev], transcribe(model, dev_feats)).value
+        history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4), "dev_wer": round(dev_wer, 4),
+                        "epoch_seconds": round(time.perf_counter() - t_epoch, 1)})
+        if dev_wer < best:
+            best, best_state = dev_wer, {k: v.clone() for k, v in model.state_dict().items()}
+        log("epoch", **history[-1], best_dev_wer=round(best, 4))
+        spent = time.perf_counter() - start
+        save_state(state_path, model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), epoch=epoch,
+                   step=step, best=best, best_state=best_state, history=history, spent=spent)
+        since_best = epoch - min(h["epoch"] for h in history if h["dev_wer"] == round(best, 4))
+        if since_best >= args.patience:
+            log("stop: held-out WER has not improved", epochs_since_best=since_best)
+            break
+        if spent / 60 > args.max_minutes:
+            log("stop: time budget spent", minutes=round(spent / 60, 1))
+            break
+
+    model.load_state_dict(best_state)
+    test = corpus.utterances("test")
+    hyps = transcribe(model, [norm(fbank(u.audio(), CONFIG["n_mels"])) for u in test])
+    refs = [u.text for u in test]
+    test_wer = wer(refs, hyps, seed=args.seed)
+    unseen = [i for i, u in enumerate(test) if u.voice in corpus.manifest["voices"]["test_only"]]
+    unseen_wer = wer([refs[i] for i in unseen], [hyps[i] for i in unseen], seed=args.seed)
+    summary = {"recipe": "examples/train_conformer_ctc.py", "seed": args.seed, "epochs": epoch,
+               "best_dev_wer": best, "test_wer": test_wer.as_dict(), "test_wer_unseen_voices": unseen_wer.as_dict(),
+               "train_minutes": round(spent / 60, 1), "history": history, "corpus": corpus.manifest["fingerprint"],
+               "params": sum(p.numel() for p in model.parameters())}
+    log("test", wer=test_wer.as_dict(), unseen_voices=unseen_wer.as_dict())
+    save_checkpoint(args.out, "conformer-ctc", model, CONFIG, CONFIG["n_mels"], None, norm, list(CTC_ALPHABET),
+                    summary)
+    for h, r in list(zip(hyps, refs))[:5]:
+        log("sample", ref=r, hyp=h)
+    log("wrote", checkpoint=str(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Whisper tiny.en, the whole model (encoder and decoder), as an accuracy-benchmark task.
+
+Two graphs, so greedy decoding costs one encoder pass per utterance:
+
+- ``audio`` (WhisperAudio): log-mel -> every decoder block's cross-attention keys and
+  values (the encoder plus those linears);
+- ``text`` (WhisperTextStep): (tokens, keys, values) -> logits of every position; greedy
+  decoding feeds the growing prefix (dynamic length) and takes the last position.
+
+Both are quantized. Test metric: WER of greedy transcripts (Whisper's English text
+normaliser, jiwer) on the ``asr`` corpus's test split. Greedy decoding suppresses what
+openai-whisper's default decoding suppresses (non-speech symbols; blank and end-of-text
+at the first step), checked to give the same transcripts as ``whisper.decode``.
+
+ESC's objective: teacher-forced cross-entropy of the float model's own greedy transcripts
+of the calibration utterances (their corpus texts are lower-case and unpunctuated, which
+Whisper never outputs, so the float model's transcripts are the better target). The audio
+part is scored through the float text part; the text part with the quantized audio part's
+keys and values. A search evaluation runs the encoder on every utterance it scores (about
+1-3 s each on 2 cores), so ESC's objective uses the first ``SEARCH_UTTERANCES`` of the
+calibration utterances; observers see all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample
+from esc_ao.corpus import load_corpus
+from esc_ao.metrics import wer
+from esc_ao.objectives import first_tensor
+from esc_ao.pipeline import Batch
+
+__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "whisper_task"]
+
+SEARCH_UTTERANCES = 8
+MAX_TOKENS = 96
+# One utterance at a time: the exported graphs have a static batch of 1 (a dynamic batch
+# cannot be exported from batch-1 examples, and teacher-forced calibration sequences differ
+# in length). Batching would save little: the encoder dominates.
+_BATCH = 1
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    prompt: tuple[int, ...]
+    eot: int
+    suppress: tuple[int, ...]
+    suppress_first: tuple[int, ...]
+
+
+def _decoding() -> _Decoding:
+    from whisper.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(False)
+    return _Decoding(tuple(tok.sot_sequence_including_notimestamps), tok.eot,
+                     tuple(sorted(set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
+                                                                tok.sot_lm, tok.no_speech, tok.no_timestamps})),
+                     tuple(tok.encode(" ") + [tok.eot]))
+
+
+def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor) -> list[list[int]]:
+    """Greedy decoding of a batch of log-mels (B, 80, 3000) -> token lists (no prompt, no EOT)."""
+    dec = _decoding()
+    keys, values = audio(mels)
+    tokens = torch.tensor([list(dec.prompt)] * mels.shape[0])
+    done = torch.zeros(mels.shape[0], dtype=torch.bool)
+    for step in range(MAX_TOKENS):
+        logits = first_tensor(text(tokens, keys, values))[:, -1].float()
+        logits[:, list(dec.suppress)] = -torch.inf
+        if step == 0:
+            logits[:, list(dec.suppress_first)] = -torch.inf
+        nxt = logits.argmax(-1)
+        nxt[done] = dec.eot
+        done |= nxt == dec.eot
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if bool(done.all()):
+            break
+    out = []
+    for row in tokens[:, len(dec.prompt):].tolist():
+        out.append(row[: row.index(dec.eot)] if dec.eot in row else row)
+    return out
+
+
+@dataclass(frozen=True)
+class TeacherForcedCE:
+    """Mean cross-entropy of next-token logits against target token sequences, one (B, n)
+    target tensor per batch (-100 where no prediction is scored, e.g. the prompt)."""
+
+    targets: Sequence[torch.Tensor]
+
+    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+        losses = [float(F.cross_entropy(first_tensor(o).float().flatten(0, 1), t.flatten(), ignore_index=-100))
+                  for o, t in zip(outputs, self.targets)]
+        return sum(losses) / max(len(losses), 1)
+
+
+@dataclass(frozen=True)
+class ThroughText:
+    """The audio part's objective: teacher-forced cross-entropy of a fixed text part fed
+    with the candidate's keys and values."""
+
+    text: Forward
+    tokens: Sequence[torch.Tensor]
+    targets: TeacherForcedCE
+
+    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
+        with torch.no_grad():
+            logits = [self.text(t, k, v) for t, (k, v) in zip(self.tokens, outputs)]
+        return self.targets(logits, references)
+
+
+def _teacher_forcing(prompt: Sequence[int], transcripts: list[list[int]], eot: int) -> tuple[list, list]:
+    """One (1, n) input and target per utterance: prompt + transcript -> transcript + EOT."""
+    inputs, targets = [], []
+    for t in transcripts:
+        seq = list(prompt) + t
+        inputs.append(torch.tensor([seq]))
+        targets.append(torch.tensor([[-100] * (len(prompt) - 1) + t + [eot]]))
+    return inputs, targets
+
+
+def whisper_task(n_calibration: int, seed: int) -> Task:
+    from whisper.tokenizer import get_tokenizer
+
+    from esc_ao.speech import load_whisper_tiny_en, whisper_mel
+    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
+
+    model = load_whisper_tiny_en().eval()
+    audio, text = WhisperAudio(model).eval(), WhisperTextStep(model).eval()
+    tok = get_tokenizer(False)
+    dec = _decoding()
+    corpus = load_corpus("asr")
+    calib = calibration_sample(corpus.utterances("calibration"), n_calibration, seed)
+    mels = [whisper_mel(torch.from_numpy(u.audio())) for u in calib]
+    with torch.no_grad():  # the float model's transcripts: the teacher-forcing targets
+        transcripts = [t for i in range(0, len(mels), _BATCH)
+                       for t in greedy_transcribe(audio, text, torch.cat(mels[i:i + _BATCH]))]
+    tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
+    n_search = min(SEARCH_UTTERANCES, len(mels))
+
+    def text_batches(converted: dict[str, Forward]) -> list[Batch]:
+        with torch.no_grad():
+            kv = [converted["audio"](m) for m in mels]
+        return [(t, k, v) for t, (k, v) in zip(tf_inputs, kv)]
+
+    parts = [
+        Part("audio", audio, lambda _: [(m,) for m in mels],
+             lambda _: ThroughText(text, tf_inputs[:n_search], TeacherForcedCE(tf_targets[:n_search])),
+             search_batches=n_search),
+        Part("text", text, text_batches, lambda _: TeacherForcedCE(tf_targets[:n_search]),
+             dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=MAX_TOKENS + 8)}, None, None),
+             search_batches=n_search),
+    ]
+    test = corpus.utterances("test")
+
+    def evaluate(forwards: dict[str, Forward]) -> Any:
+        hyps = []
+        for i in range(0, len(test), _BATCH):
+            batch = torch.cat([whisper_mel(torch.from_numpy(u.audio())) for u in test[i:i + _BATCH]])
+            hyps += [tok.decode(t) for t in greedy_transcribe(forwards["audio"], forwards["text"], batch)]
+        return wer([u.text for u in test], hyps, seed=seed)
+
+    return Task("whisper-tiny.en", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
+                {"test_utterances": len(test), "search_utterances": n_search,
+                 "decoding": "greedy, max 96 tokens"})

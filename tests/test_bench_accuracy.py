@@ -1,0 +1,100 @@
+"""The accuracy benchmark's cell cache, outputs and errors, on a small stand-in task (the
+real tasks need the trained checkpoints and corpora: the benchmark command runs them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from esc_ao.bench import accuracy as acc
+from esc_ao.bench.tasks import single_part
+from esc_ao.metrics import accuracy
+from esc_ao.objectives import CrossEntropy
+
+
+def _task(n_calibration: int, seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # labels the float model gets right: accuracy 1.0 in float
+    batches = [(xb,) for xb in torch.split(x[:n_calibration], 8)]
+    objective = CrossEntropy(list(torch.split(y[:n_calibration], 8)))
+
+    def evaluate(forward):
+        pred = torch.cat([forward(xb).argmax(-1) for xb in torch.split(x, 8)])  # static batch of 8
+        return accuracy((pred == y).tolist())
+
+    return single_part("ast", "accuracy", model, batches, objective, evaluate, {"stand_in": True})
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    calls = []
+
+    def build(name, n, seed):
+        calls.append((name, n, seed))
+        return _task(n, seed)
+
+    monkeypatch.setattr(acc, "build_task", build)
+    return calls
+
+
+def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -> None:
+    settings = acc.AccuracySettings(n_calibration=32, budget=2, popsize=4)
+    rows = acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells",
+                                  settings)
+    assert len(stand_in) == 1
+    assert [(r["method"], r["bits"]) for r in rows] == [("float", "fp32"), ("max", "w8a8"), ("esc", "w8a8"),
+                                                        ("max", "w4a4"), ("esc", "w4a4")]
+    fl = rows[0]
+    assert fl["value"] == 1.0 and fl["size_bytes"] == 4 * sum(p.numel() for p in _task(32, 0).parts[0].model.parameters())
+    for r in rows:
+        for key in ("model", "method", "bits", "metric", "value", "size_bytes", "ci95_low", "ci95_high",
+                    "calibration_seconds", "code_version", "seed"):
+            assert key in r, key
+        assert r["ci95_low"] <= r["value"] <= r["ci95_high"]
+    w8 = next(r for r in rows if r["bits"] == "w8a8" and r["method"] == "max")
+    w4 = next(r for r in rows if r["bits"] == "w4a4" and r["method"] == "max")
+    assert w4["size_bytes"] < w8["size_bytes"] < fl["size_bytes"]
+    esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
+    assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
+    doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert len(doc["rows"]) == 5 and doc["code_version"] == acc.code_version()
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| w4a4 | esc |" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    # A second run finds every cell and builds nothing; a new method fills only its cells.
+    acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings)
+    assert len(stand_in) == 1
+    rows = acc.run_accuracy_bench(["ast"], ["mse"], ["w8a8"], tmp_path / "out", tmp_path / "cells", settings)
+    assert len(stand_in) == 2 and len(rows) == 6
+
+
+def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:
+    settings = acc.AccuracySettings(n_calibration=16)
+    acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
+    acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
+                           acc.AccuracySettings(n_calibration=16, seed=1))
+    assert len(stand_in) == 2
+    monkeypatch.setattr(acc, "code_version", lambda: "feedfacecafe")
+    rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
+    assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
+    settings = acc.AccuracySettings()
+    with pytest.raises(ValueError, match="unknown model 'resnet': use one of whisper-tiny.en, conformer-ctc, ast"):
+        acc.run_accuracy_bench(["resnet"], ["max"], ["w8a8"], tmp_path, tmp_path, settings)
+    with pytest.raises(ValueError, match="unknown method 'gptq': use one of max, percentile, entropy, mse, esc"):
+        acc.run_accuracy_bench(["ast"], ["gptq"], ["w8a8"], tmp_path, tmp_path, settings)
+    with pytest.raises(ValueError, match="unknown bits 'w2a2'"):
+        acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
+
+
+def test_code_version_is_a_stable_hash() -> None:
+    v = acc.code_version()
+    assert v == acc.code_version() and len(v) == 12 and int(v, 16) >= 0
