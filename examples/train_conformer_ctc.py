@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=50.0)
     ap.add_argument("--max-epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--min-epochs", type=int, default=8,
+                    help="no early stop before this epoch (CTC first emits blanks, then words)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-frames", type=int, default=12000, help="padded frames per batch")
@@ -117,7 +119,7 @@ def main() -> None:
         save_state(state_path, model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), epoch=epoch,
                    step=step, best=best, best_state=best_state, history=history, spent=spent)
         since_best = epoch - min(h["epoch"] for h in history if h["dev_wer"] == round(best, 4))
-        if since_best >= args.patience:
+        if since_best >= args.patience and epoch >= args.min_epochs:
             log("stop: held-out WER has not improved", epochs_since_best=since_best)
             break
         if spent / 60 > args.max_minutes:

@@ -147,7 +147,9 @@ def test_nan_candidates_are_penalised_and_all_nan_stops_with_a_node_name() -> No
         calibrate(prepared, batches, objective=nan_after_start, config=SearchConfig(budget=2, **FAST))
 
 
-def test_batches_with_different_output_shapes_are_refused() -> None:
+def test_variable_length_batches_are_searched() -> None:
+    """Speech utterances differ in length: objectives compare outputs batch by batch, so
+    batches of different shapes (a graph exported with a dynamic dimension) are fine."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     from esc_ao import EscQuantizer, QuantConfig
@@ -158,8 +160,8 @@ def test_batches_with_different_output_shapes_are_refused() -> None:
     p = prepare_pt2e(program.module(), EscQuantizer(QuantConfig(method="esc")))
     odd = [(torch.randn(2, 3, 4),), (torch.randn(2, 5, 4),)]
     observe(p, odd)
-    with pytest.raises(ValueError, match="different shapes"):
-        calibrate(p, odd, config=SearchConfig(budget=1, **FAST))
+    result = calibrate(p, odd, config=SearchConfig(budget=1, **FAST))
+    assert math.isfinite(result.final_objective) and result.final_objective <= result.initial_objective
 
 
 @pytest.mark.parametrize("kwargs,match", [({"popsize": 2}, "minimum of 4"), ({"budget": -1}, "budget"),

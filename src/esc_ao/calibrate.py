@@ -34,7 +34,7 @@ from esc_ao.atomic import atomic_path
 from esc_ao.config import SearchConfig
 from esc_ao.distributed import Cluster, cluster_from_env
 from esc_ao.local_step import local_mse_scales
-from esc_ao.objectives import Objective, OutputMSE, first_tensor, objective_parts
+from esc_ao.objectives import Objective, OutputMSE, objective_parts
 from esc_ao.observers import observer_mode
 from esc_ao.pipeline import Batch, as_batches
 from esc_ao.search_space import ScaleDim, find_scale_dims
@@ -129,15 +129,6 @@ def _first_nonfinite(prepared: GraphModule, batch: Batch) -> str:
     return found[0] if found else "(none: the objective itself returned a non-finite value)"
 
 
-def _check_shapes(refs: list[Any]) -> None:
-    shapes = {tuple(first_tensor(r).shape[1:]) for r in refs}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"calibration batches give outputs of different shapes {sorted(shapes)}: objectives compare "
-            "outputs batch by batch, so pad or crop the batches to one shape per position"
-        )
-
-
 # --- checkpoint --------------------------------------------------------------------------
 
 def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: SearchConfig, n_batches: int) -> str:
@@ -229,7 +220,6 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
         d.observer.set_scale(None)
     observer_scales = [d.observer.init_scale for d in dims]
     evaluate = _Evaluator(prepared, dims, cluster.shard(batches), objective or OutputMSE(), cluster)
-    _check_shapes(evaluate.refs)
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(dims, observer_scales, config, len(batches))
