@@ -98,3 +98,12 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
 def test_code_version_is_a_stable_hash() -> None:
     v = acc.code_version()
     assert v == acc.code_version() and len(v) == 12 and int(v, 16) >= 0
+
+
+def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
+    from esc_ao.cli import main
+
+    assert main(["bench", "accuracy", "--models", "resnet", "--cells", str(tmp_path)]) == 2
+    assert "unknown model 'resnet': use one of whisper-tiny.en, conformer-ctc, ast" in capsys.readouterr().err
+    assert main(["corpus", "librispeech"]) == 2
+    assert "use one of asr, kws" in capsys.readouterr().err

@@ -161,13 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         settings = AccuracySettings(n_calibration=args.calib_samples, seed=args.seed, budget=args.budget,
                                     popsize=args.popsize)
-        run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings)
+        try:
+            run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings)
+        except (ValueError, FileNotFoundError) as exc:  # bad names or a missing checkpoint: say which
+            print(f"esc-ao bench accuracy: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "corpus":
         from esc_ao.corpus import load_corpus
 
         for name in args.names:
-            corpus = load_corpus(name)
+            try:
+                corpus = load_corpus(name)
+            except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine (MissingEngineError)
+                print(f"esc-ao corpus: {exc}", file=sys.stderr)
+                return 2
             print(f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
                   f"(fingerprint {corpus.manifest['fingerprint']})")
         return 0

@@ -172,7 +172,11 @@ def _fmt(r: dict[str, Any]) -> str:
 def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings, version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_version": version, "rows": rows})
+    machines = sorted({r.get("machine", "?") for r in rows})
     lines = ["# Accuracy benchmark: calibration methods x bit widths", "",
+             f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
+             f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, method, bits, seed, "
+             f"code version). Machine: {'; '.join(machines)}.", "",
              f"Code version {version}; {settings.n_calibration} calibration utterances (seed {settings.seed}); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
@@ -181,7 +185,9 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         metric = mrows[0]["metric"]
+        wall = sum(r["calibration_seconds"] + r.get("eval_seconds", 0.0) for r in mrows)
         lines += [f"## {model} ({'WER, lower is better' if metric == 'wer' else 'accuracy, higher is better'})", "",
+                  f"{len(mrows)} cells, {wall / 60:.0f} min of calibration and evaluation in all.", "",
                   "| bits | method | " + metric + " % | size MB | calibration s | eval s |", "|---|---|---|---|---|---|"]
         for r in mrows:
             lines.append(f"| {r['bits']} | {r['method']} | {_fmt(r)} | {r['size_bytes'] / 1e6:.2f} | "
