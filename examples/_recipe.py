@@ -88,3 +88,55 @@ def save_state(path: Path, **state: Any) -> None:
 def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+class Run:
+    """The epoch bookkeeping both recipes share: state resumed from ``work/state.pt``, the
+    best epoch by held-out error (``error_name`` in the history), and the stop rules
+    (patience after ``min_epochs``, the time budget, ``max_epochs``)."""
+
+    def __init__(self, work: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 log: Log, args: Any, error_name: str) -> None:
+        self.path, self.model, self.opt, self.gen, self.log, self.args = work / "state.pt", model, opt, gen, log, args
+        self.error_name = error_name
+        self.epoch, self.step, self.best, self.best_state, self.history, self.spent = 0, 0, float("inf"), None, [], 0.0
+        self.stopped = False
+        if self.path.exists():
+            st = torch.load(self.path, weights_only=False)
+            model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
+            self.epoch, self.step, self.best, self.best_state, self.history, self.spent = (
+                st[k] for k in ("epoch", "step", "best", "best_state", "history", "spent"))
+            log("resumed", epoch=self.epoch, best=self.best)
+        self.start = time.perf_counter() - self.spent
+
+    @property
+    def running(self) -> bool:
+        return not self.stopped and self.epoch < self.args.max_epochs
+
+    def end_epoch(self, losses: list[float], error: float, t_epoch: float) -> None:
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, "loss": round(sum(losses) / len(losses), 4),
+                             self.error_name: round(error, 4), "epoch_seconds": round(time.perf_counter() - t_epoch, 1)})
+        if error < self.best:
+            self.best, self.best_state = error, {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.log("epoch", **self.history[-1], **{f"best_{self.error_name}": round(self.best, 4)})
+        self.spent = time.perf_counter() - self.start
+        save_state(self.path, model=self.model.state_dict(), opt=self.opt.state_dict(), gen=self.gen.get_state(),
+                   epoch=self.epoch, step=self.step, best=self.best, best_state=self.best_state, history=self.history,
+                   spent=self.spent)
+        since_best = self.epoch - min(h["epoch"] for h in self.history if h[self.error_name] == round(self.best, 4))
+        if since_best >= self.args.patience and self.epoch >= self.args.min_epochs:
+            self.log(f"stop: held-out {self.error_name} has not improved", epochs_since_best=since_best)
+            self.stopped = True
+        elif self.spent / 60 > self.args.max_minutes:
+            self.log("stop: time budget spent", minutes=round(self.spent / 60, 1))
+            self.stopped = True
+
+    def best_model(self) -> torch.nn.Module:
+        self.model.load_state_dict(self.best_state)
+        return self.model
+
+    def summary(self, recipe: str, corpus_fingerprint: str) -> dict[str, Any]:
+        return {"recipe": recipe, "seed": self.args.seed, "epochs": self.epoch, f"best_{self.error_name}": self.best,
+                "train_minutes": round(self.spent / 60, 1), "history": self.history, "corpus": corpus_fingerprint,
+                "params": sum(p.numel() for p in self.model.parameters())}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _recipe import Log, SpecAugment, batches_of, lr_at, save_state, seed_everything  # noqa: E402
+from _recipe import Log, Run, SpecAugment, batches_of, lr_at, seed_everything  # noqa: E402
 
 from esc_ao.corpus import load_corpus
 from esc_ao.metrics import accuracy
@@ -83,58 +83,32 @@ def main() -> None:
     augment = SpecAugment(freq=24, time=20)
     steps_per_epoch = -(-len(y_train) // args.batch)
     total_steps = steps_per_epoch * args.max_epochs
-    state_path = args.work / "state.pt"
-    epoch, step, best, best_state, history, spent = 0, 0, float("inf"), None, [], 0.0
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
-        epoch, step, best, best_state, history, spent = (st[k] for k in ("epoch", "step", "best", "best_state",
-                                                                          "history", "spent"))
-        log("resumed", epoch=epoch, best=best)
+    run = Run(args.work, model, opt, gen, log, args, "dev_error")
     log("model", params=sum(p.numel() for p in model.parameters()), steps_per_epoch=steps_per_epoch)
-    start = time.perf_counter() - spent
-    while epoch < args.max_epochs:
+    while run.running:
         model.train()
         t_epoch, losses = time.perf_counter(), []
         for idx in batches_of(torch.randperm(len(y_train), generator=gen).tolist(), args.batch):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.lr, 300, total_steps)
+                g["lr"] = lr_at(run.step, args.lr, 300, total_steps)
             loss = F.cross_entropy(model(augment(x_train[idx])), y_train[idx], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            losses.append(float(loss))
-            step += 1
-        epoch += 1
-        dev_err = 1.0 - float((predict(model, x_dev) == y_dev).float().mean())
-        history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4), "dev_error": round(dev_err, 4),
-                        "epoch_seconds": round(time.perf_counter() - t_epoch, 1)})
-        if dev_err < best:
-            best, best_state = dev_err, {k: v.clone() for k, v in model.state_dict().items()}
-        log("epoch", **history[-1], best_dev_error=round(best, 4))
-        spent = time.perf_counter() - start
-        save_state(state_path, model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), epoch=epoch,
-                   step=step, best=best, best_state=best_state, history=history, spent=spent)
-        since_best = epoch - min(h["epoch"] for h in history if h["dev_error"] == round(best, 4))
-        if since_best >= args.patience and epoch >= args.min_epochs:
-            log("stop: held-out error has not improved", epochs_since_best=since_best)
-            break
-        if spent / 60 > args.max_minutes:
-            log("stop: time budget spent", minutes=round(spent / 60, 1))
-            break
+            losses.append(float(loss.detach()))
+            run.step += 1
+        run.end_epoch(losses, 1.0 - float((predict(model, x_dev) == y_dev).float().mean()), t_epoch)
 
-    model.load_state_dict(best_state)
+    model = run.best_model()
     x_test, y_test, test = load("test")
     pred = predict(model, norm(x_test))
     right = (pred == y_test)
     acc = accuracy(right.tolist())
     unseen = torch.tensor([u.voice in corpus.manifest["voices"]["test_only"] for u in test])
     acc_unseen = accuracy(right[unseen].tolist())
-    summary = {"recipe": "examples/train_ast.py", "seed": args.seed, "epochs": epoch, "best_dev_error": best,
-               "test_accuracy": acc.as_dict(), "test_accuracy_unseen_voices": acc_unseen.as_dict(),
-               "train_minutes": round(spent / 60, 1), "history": history, "corpus": corpus.manifest["fingerprint"],
-               "params": sum(p.numel() for p in model.parameters())}
+    summary = {**run.summary("examples/train_ast.py", corpus.manifest["fingerprint"]),
+               "test_accuracy": acc.as_dict(), "test_accuracy_unseen_voices": acc_unseen.as_dict()}
     log("test", accuracy=acc.as_dict(), unseen_voices=acc_unseen.as_dict())
     save_checkpoint(args.out, "ast", model, CONFIG, N_MELS, FRAMES, norm, classes, summary)
     log("wrote", checkpoint=str(args.out))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _recipe import Log, SpecAugment, batches_of, buckets, lr_at, pad, save_state, seed_everything  # noqa: E402
+from _recipe import Log, Run, SpecAugment, buckets, lr_at, pad, seed_everything  # noqa: E402
 
 from esc_ao.corpus import load_corpus
 from esc_ao.metrics import wer
@@ -80,17 +80,9 @@ def main() -> None:
     lengths = [f.shape[0] for f in feats]
     steps_per_epoch = len(buckets(lengths, args.max_frames, torch.Generator().manual_seed(0)))
     total_steps = steps_per_epoch * args.max_epochs
-    state_path = args.work / "state.pt"
-    epoch, step, best, best_state, history, spent = 0, 0, float("inf"), None, [], 0.0
-    if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
-        epoch, step, best, best_state, history, spent = (st[k] for k in ("epoch", "step", "best", "best_state",
-                                                                          "history", "spent"))
-        log("resumed", epoch=epoch, best=best)
+    run = Run(args.work, model, opt, gen, log, args, "dev_wer")
     log("model", params=sum(p.numel() for p in model.parameters()), steps_per_epoch=steps_per_epoch)
-    start = time.perf_counter() - spent
-    while epoch < args.max_epochs:
+    while run.running:
         model.train()
         t_epoch, losses = time.perf_counter(), []
         for batch in buckets(lengths, args.max_frames, gen):
@@ -98,7 +90,7 @@ def main() -> None:
             y = torch.cat([labels[i] for i in batch])
             yl = torch.tensor([len(labels[i]) for i in batch])
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.lr, 200, total_steps)
+                g["lr"] = lr_at(run.step, args.lr, 200, total_steps)
             logits = model(augment(x), xl)
             logp = F.log_softmax(logits, -1).transpose(0, 1)
             loss = F.ctc_loss(logp, y, ConformerCTC.output_lengths(xl), yl, blank=0, zero_infinity=True)
@@ -106,37 +98,19 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            losses.append(float(loss))
-            step += 1
-        epoch += 1
-        dev_wer = wer([u.text for u in dev], transcribe(model, dev_feats)).value
-        history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4), "dev_wer": round(dev_wer, 4),
-                        "epoch_seconds": round(time.perf_counter() - t_epoch, 1)})
-        if dev_wer < best:
-            best, best_state = dev_wer, {k: v.clone() for k, v in model.state_dict().items()}
-        log("epoch", **history[-1], best_dev_wer=round(best, 4))
-        spent = time.perf_counter() - start
-        save_state(state_path, model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), epoch=epoch,
-                   step=step, best=best, best_state=best_state, history=history, spent=spent)
-        since_best = epoch - min(h["epoch"] for h in history if h["dev_wer"] == round(best, 4))
-        if since_best >= args.patience and epoch >= args.min_epochs:
-            log("stop: held-out WER has not improved", epochs_since_best=since_best)
-            break
-        if spent / 60 > args.max_minutes:
-            log("stop: time budget spent", minutes=round(spent / 60, 1))
-            break
+            losses.append(float(loss.detach()))
+            run.step += 1
+        run.end_epoch(losses, wer([u.text for u in dev], transcribe(model, dev_feats)).value, t_epoch)
 
-    model.load_state_dict(best_state)
+    model = run.best_model()
     test = corpus.utterances("test")
     hyps = transcribe(model, [norm(fbank(u.audio(), CONFIG["n_mels"])) for u in test])
     refs = [u.text for u in test]
     test_wer = wer(refs, hyps, seed=args.seed)
     unseen = [i for i, u in enumerate(test) if u.voice in corpus.manifest["voices"]["test_only"]]
     unseen_wer = wer([refs[i] for i in unseen], [hyps[i] for i in unseen], seed=args.seed)
-    summary = {"recipe": "examples/train_conformer_ctc.py", "seed": args.seed, "epochs": epoch,
-               "best_dev_wer": best, "test_wer": test_wer.as_dict(), "test_wer_unseen_voices": unseen_wer.as_dict(),
-               "train_minutes": round(spent / 60, 1), "history": history, "corpus": corpus.manifest["fingerprint"],
-               "params": sum(p.numel() for p in model.parameters())}
+    summary = {**run.summary("examples/train_conformer_ctc.py", corpus.manifest["fingerprint"]),
+               "test_wer": test_wer.as_dict(), "test_wer_unseen_voices": unseen_wer.as_dict()}
     log("test", wer=test_wer.as_dict(), unseen_voices=unseen_wer.as_dict())
     save_checkpoint(args.out, "conformer-ctc", model, CONFIG, CONFIG["n_mels"], None, norm, list(CTC_ALPHABET),
                     summary)
