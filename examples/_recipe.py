@@ -3,6 +3,7 @@ schedule, SpecAugment, a log that goes to the console and a file, and resumable 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -109,6 +110,17 @@ class Run:
             log("resumed", epoch=self.epoch, best=self.best)
         self.start = time.perf_counter() - self.spent
 
+    def update(self, loss: torch.Tensor, losses: list[float], warmup: int, total_steps: int) -> None:
+        """One optimiser step at the schedule's learning rate, gradients clipped at norm 5."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.args.lr, warmup, total_steps)
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.opt.step()
+        losses.append(float(loss.detach()))
+        self.step += 1
+
     @property
     def running(self) -> bool:
         return not self.stopped and self.epoch < self.args.max_epochs
@@ -140,3 +152,31 @@ class Run:
         return {"recipe": recipe, "seed": self.args.seed, "epochs": self.epoch, f"best_{self.error_name}": self.best,
                 "train_minutes": round(self.spent / 60, 1), "history": self.history, "corpus": corpus_fingerprint,
                 "params": sum(p.numel() for p in self.model.parameters())}
+
+
+def parser(name: str, model: str, *, max_minutes: float, max_epochs: int, min_epochs: int,
+           lr: float) -> argparse.ArgumentParser:
+    """The arguments both recipes take; ``name`` names the work folder and the log."""
+    from esc_ao.speech.pretrained import checkpoint_path
+
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-minutes", type=float, default=max_minutes, help="training-time budget (resumes count)")
+    ap.add_argument("--max-epochs", type=int, default=max_epochs, help="also the length of the cosine schedule")
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--min-epochs", type=int, default=min_epochs, help="no early stop before this epoch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--work", type=Path, default=root / ".work" / name)
+    ap.add_argument("--out", type=Path, default=checkpoint_path(model))
+    ap.add_argument("--log", type=Path, default=root / "docs" / "results" / "training" / f"{name.removeprefix('train_')}.log")
+    return ap
+
+
+def start(args: argparse.Namespace) -> tuple[torch.Generator, Log]:
+    """Threads, seeds, the work folder and the log of a recipe run."""
+    torch.set_num_threads(args.threads)
+    gen = seed_everything(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    return gen, Log(args.log)

@@ -13,7 +13,6 @@ log (docs/results/training/ast.log) are written. Resumes from its work folder.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _recipe import Log, Run, SpecAugment, batches_of, lr_at, seed_everything  # noqa: E402
+from _recipe import Run, SpecAugment, batches_of, parser, start  # noqa: E402
 
 from esc_ao.corpus import load_corpus
 from esc_ao.metrics import accuracy
 from esc_ao.speech.ast import AST
 from esc_ao.speech.features import FbankNorm, fbank
-from esc_ao.speech.pretrained import checkpoint_path, save_checkpoint
+from esc_ao.speech.pretrained import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 N_MELS, FRAMES = 128, 100
 CONFIG = {"classes": 37, "n_mels": N_MELS, "frames": FRAMES, "dim": 192, "layers": 4, "heads": 3, "mlp": 768}
 
@@ -42,24 +40,11 @@ def predict(model: AST, x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--max-minutes", type=float, default=45.0)
-    ap.add_argument("--max-epochs", type=int, default=10)
-    ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--min-epochs", type=int, default=4,
-                    help="no early stop before this epoch (CTC first emits blanks, then words)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser("train_ast", "ast", max_minutes=45.0, max_epochs=10, min_epochs=4,
+                lr=1e-3)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--work", type=Path, default=ROOT / ".work" / "train_ast")
-    ap.add_argument("--out", type=Path, default=checkpoint_path("ast"))
-    ap.add_argument("--log", type=Path, default=ROOT / "docs" / "results" / "training" / "ast.log")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    gen = seed_everything(args.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    log = Log(args.log)
+    gen, log = start(args)
     corpus = load_corpus("kws")
     classes = corpus.labels
     t0 = time.perf_counter()
@@ -89,15 +74,8 @@ def main() -> None:
         model.train()
         t_epoch, losses = time.perf_counter(), []
         for idx in batches_of(torch.randperm(len(y_train), generator=gen).tolist(), args.batch):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(run.step, args.lr, 300, total_steps)
             loss = F.cross_entropy(model(augment(x_train[idx])), y_train[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            run.step += 1
+            run.update(loss, losses, 300, total_steps)
         run.end_epoch(losses, 1.0 - float((predict(model, x_dev) == y_dev).float().mean()), t_epoch)
 
     model = run.best_model()

@@ -13,7 +13,6 @@ the checkpoint (src/esc_ao/data/models/conformer_ctc.pt) and log
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _recipe import Log, Run, SpecAugment, buckets, lr_at, pad, seed_everything  # noqa: E402
+from _recipe import Run, SpecAugment, buckets, pad, parser, start  # noqa: E402
 
 from esc_ao.corpus import load_corpus
 from esc_ao.metrics import wer
 from esc_ao.speech.conformer import ConformerCTC
 from esc_ao.speech.features import CTC_ALPHABET, FbankNorm, ctc_decode, ctc_encode, fbank
-from esc_ao.speech.pretrained import checkpoint_path, save_checkpoint
+from esc_ao.speech.pretrained import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"n_mels": 80, "dim": 144, "heads": 4, "ffn": 576, "layers": 6, "kernel": 15, "vocab": 32}
 
 
@@ -44,24 +42,11 @@ def transcribe(model: ConformerCTC, feats: list[torch.Tensor]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--max-minutes", type=float, default=50.0)
-    ap.add_argument("--max-epochs", type=int, default=30)
-    ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--min-epochs", type=int, default=8,
-                    help="no early stop before this epoch (CTC first emits blanks, then words)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser("train_conformer_ctc", "conformer-ctc", max_minutes=50.0, max_epochs=30, min_epochs=8,
+                lr=2e-3)
     ap.add_argument("--max-frames", type=int, default=12000, help="padded frames per batch")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--work", type=Path, default=ROOT / ".work" / "train_conformer_ctc")
-    ap.add_argument("--out", type=Path, default=checkpoint_path("conformer-ctc"))
-    ap.add_argument("--log", type=Path, default=ROOT / "docs" / "results" / "training" / "conformer_ctc.log")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    gen = seed_everything(args.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    log = Log(args.log)
+    gen, log = start(args)
     corpus = load_corpus("asr")
     t0 = time.perf_counter()
     train, dev = corpus.utterances("train"), corpus.utterances("calibration")
@@ -89,17 +74,9 @@ def main() -> None:
             x, xl = pad([feats[i] for i in batch])
             y = torch.cat([labels[i] for i in batch])
             yl = torch.tensor([len(labels[i]) for i in batch])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(run.step, args.lr, 200, total_steps)
-            logits = model(augment(x), xl)
-            logp = F.log_softmax(logits, -1).transpose(0, 1)
+            logp = F.log_softmax(model(augment(x), xl), -1).transpose(0, 1)
             loss = F.ctc_loss(logp, y, ConformerCTC.output_lengths(xl), yl, blank=0, zero_infinity=True)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            run.step += 1
+            run.update(loss, losses, 200, total_steps)
         run.end_epoch(losses, wer([u.text for u in dev], transcribe(model, dev_feats)).value, t_epoch)
 
     model = run.best_model()
