@@ -64,7 +64,7 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["code_version"] == acc.code_version()
+    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == acc.code_version("ast")
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| w4a4 | esc |" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     # A second run finds every cell and builds nothing; a new method fills only its cells.
@@ -80,7 +80,7 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
     acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
                            acc.AccuracySettings(n_calibration=16, seed=1))
     assert len(stand_in) == 2
-    monkeypatch.setattr(acc, "code_version", lambda: "feedfacecafe")
+    monkeypatch.setattr(acc, "code_version", lambda model: "feedfacecafe")
     rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
     assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
 
@@ -95,9 +95,10 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
         acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
 
 
-def test_code_version_is_a_stable_hash() -> None:
-    v = acc.code_version()
-    assert v == acc.code_version() and len(v) == 12 and int(v, 16) >= 0
+def test_code_version_is_a_stable_hash_per_model() -> None:
+    v = acc.code_version("ast")
+    assert v == acc.code_version("ast") and len(v) == 12 and int(v, 16) >= 0
+    assert len({acc.code_version(m) for m in acc.MODELS}) == 3
 
 
 def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ Each cell (model, method, bits, seed, code version) is one JSON file in the cell
 (default docs/results/accuracy_cells); a cell that exists is read, not recomputed, so a long
 table is built over several runs and an interrupted run loses at most the cell in flight.
 The code version is a hash of the sources that decide the numbers (quantizer, observers,
-calibration, corpus, models, tasks), so changing any of them recomputes every cell.
+calibration, corpus, features, the bench itself) and of the model's own task code and
+trained weights: changing shared code recomputes every cell, retraining one model only
+that model's cells.
 
 Outputs (written atomically): ``accuracy.json`` (one record per cell: model, method, bits,
 metric, value with its 95 % interval, size_bytes, calibration_seconds, ...),
@@ -42,10 +44,17 @@ __all__ = ["BITS", "MODELS", "AccuracySettings", "code_version", "run_accuracy_b
 
 MODELS = ("whisper-tiny.en", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
-# Sources that decide a cell's numbers (relative to the esc_ao package).
+# Sources that decide every cell's numbers (relative to the esc_ao package), and those
+# that decide one model's: its task code and its trained weights.
 _NUMERIC_SOURCES = ("annotators.py", "calibrate.py", "config.py", "graph_prep.py", "histogram.py", "local_step.py",
                     "metrics.py", "objectives.py", "observers.py", "pipeline.py", "quantizer.py", "search_space.py",
-                    "corpus", "speech", "bench/tasks.py", "bench/whisper_task.py", "bench/accuracy.py", "data/models")
+                    "corpus", "speech/features.py", "bench/accuracy.py", "bench/tasks.py")
+_MODEL_SOURCES = {
+    "whisper-tiny.en": ("bench/whisper_task.py", "speech/whisper.py", "speech/ct2_whisper.py"),
+    "conformer-ctc": ("speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
+                      "data/models/conformer_ctc.pt"),
+    "ast": ("speech/ast.py", "speech/pretrained.py", "data/models/ast.pt"),
+}
 
 
 @dataclass(frozen=True)
@@ -60,11 +69,12 @@ class AccuracySettings:
     sigma0: float = 0.1
 
 
-def code_version() -> str:
-    """Hash of the sources in ``_NUMERIC_SOURCES`` (12 hex digits)."""
+def code_version(model: str) -> str:
+    """Hash (12 hex digits) of the shared sources and ``model``'s own (task code, weights):
+    retraining one model recomputes its cells only."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for rel in _NUMERIC_SOURCES:
+    for rel in _NUMERIC_SOURCES + _MODEL_SOURCES[model]:
         path = root / rel
         files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
             else [path] if path.exists() else []
@@ -75,6 +85,7 @@ def code_version() -> str:
 
 
 def _cell_path(cells: Path, model: str, method: str, bits: str, settings: AccuracySettings, version: str) -> Path:
+    """One cell's file: keyed by model, method, bits, calibration count, seed, code version."""
     return cells / model / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}-{version}.json"
 
 
@@ -132,8 +143,8 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
         bad = [g for g in given if g not in valid]
         if bad:
             raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}: use one of {', '.join(valid)}")
-    version = code_version()
     for model in models:
+        version = code_version(model)
         task: Task | None = None
         for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
             path = _cell_path(cells, model, method, b, settings, version)
@@ -147,8 +158,8 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, row)
             print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
-    rows = _collect(cells, settings, version)
-    _write_outputs(rows, out, settings, version)
+    rows = _collect(cells, settings)
+    _write_outputs(rows, out, settings)
     return rows
 
 
@@ -156,10 +167,12 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _collect(cells: Path, settings: AccuracySettings, version: str) -> list[dict[str, Any]]:
+def _collect(cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
+    """Every cell present for these settings and each model's current code version."""
     rows = []
-    for path in sorted(cells.glob(f"*/*-n{settings.n_calibration}-s{settings.seed}-{version}.json")):
-        rows.append(json.loads(path.read_text()))
+    for model in MODELS:
+        pattern = f"*-n{settings.n_calibration}-s{settings.seed}-{code_version(model)}.json"
+        rows += [json.loads(p.read_text()) for p in sorted((cells / model).glob(pattern))]
     order = {m: i for i, m in enumerate(("float", *METHODS))}
     return sorted(rows, key=lambda r: (MODELS.index(r["model"]), ("fp32", *BITS).index(r["bits"]), order[r["method"]]))
 
@@ -169,15 +182,17 @@ def _fmt(r: dict[str, Any]) -> str:
     return f"{scale * r['value']:.2f} [{scale * r['ci95_low']:.2f}, {scale * r['ci95_high']:.2f}]"
 
 
-def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings, version: str) -> None:
+def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_version": version, "rows": rows})
+    versions = {m: code_version(m) for m in MODELS}
+    write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_versions": versions, "rows": rows})
     machines = sorted({r.get("machine", "?") for r in rows})
     lines = ["# Accuracy benchmark: calibration methods x bit widths", "",
              f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
              f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, method, bits, seed, "
              f"code version). Machine: {'; '.join(machines)}.", "",
-             f"Code version {version}; {settings.n_calibration} calibration utterances (seed {settings.seed}); "
+             f"Code versions {', '.join(f'{m} {v}' for m, v in versions.items())}; "
+             f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
              "(WER: utterance bootstrap; accuracy: Wilson). Full integer quantization (EscQuantizer, reference target).",
