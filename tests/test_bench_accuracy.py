@@ -72,6 +72,9 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     assert len(stand_in) == 1
     rows = acc.run_accuracy_bench(["ast"], ["mse"], ["w8a8"], tmp_path / "out", tmp_path / "cells", settings)
     assert len(stand_in) == 2 and len(rows) == 6
+    (tmp_path / "out" / "accuracy.md").unlink()
+    assert len(acc.render(tmp_path / "out", tmp_path / "cells", settings)) == 6 and len(stand_in) == 2
+    assert "| w8a8 | mse |" in (tmp_path / "out" / "accuracy.md").read_text()
 
 
 def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--out", type=Path, default=Path("docs/results"))
     ba.add_argument("--cells", type=Path, default=Path("docs/results/accuracy_cells"),
                     help="one JSON per computed cell; existing cells are reused")
+    ba.add_argument("--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing")
     c = sub.add_parser("corpus", help="build (or verify) the offline TTS corpora")
     c.add_argument("names", nargs="*", default=["asr", "kws"])
     return p
@@ -157,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.lower_only)
         return 0
     if args.command == "bench" and args.bench == "accuracy":
-        from esc_ao.bench.accuracy import AccuracySettings, run_accuracy_bench
+        from esc_ao.bench.accuracy import AccuracySettings, render, run_accuracy_bench
 
         settings = AccuracySettings(n_calibration=args.calib_samples, seed=args.seed, budget=args.budget,
                                     popsize=args.popsize)
+        if args.render_only:
+            print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
+            return 0
         try:
             run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings)
         except (ValueError, FileNotFoundError) as exc:  # bad names or a missing checkpoint: say which

@@ -40,7 +40,7 @@ from esc_ao.pipeline import convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic, write_text_atomic
 
-__all__ = ["BITS", "MODELS", "AccuracySettings", "code_version", "run_accuracy_bench"]
+__all__ = ["BITS", "MODELS", "AccuracySettings", "code_version", "render", "run_accuracy_bench"]
 
 MODELS = ("whisper-tiny.en", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
@@ -158,6 +158,12 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, row)
             print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
+            render(out, cells, settings)  # the table so far: a stopped run still leaves one
+    return render(out, cells, settings)
+
+
+def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
+    """Writes the JSON, Markdown and plot from the cells present (computes nothing)."""
     rows = _collect(cells, settings)
     _write_outputs(rows, out, settings)
     return rows
