@@ -41,6 +41,9 @@ def stand_in(monkeypatch):
         return _task(n, seed)
 
     monkeypatch.setattr(acc, "build_task", build)
+    # The stand-in needs no corpus: the data part of the version is a fixed digest.
+    monkeypatch.setattr(acc, "load_corpus", lambda name: None)
+    monkeypatch.setattr(acc, "built_digest", lambda name, splits: f"digest-of-{name}")
     return calls
 
 
@@ -98,10 +101,18 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
         acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
 
 
-def test_code_version_is_a_stable_hash_per_model() -> None:
+def test_code_version_is_a_stable_hash_per_model(stand_in, monkeypatch) -> None:
     v = acc.code_version("ast")
     assert v == acc.code_version("ast") and len(v) == 12 and int(v, 16) >= 0
     assert len({acc.code_version(m) for m in acc.MODELS}) == 3
+    monkeypatch.setattr(acc, "built_digest", lambda name, splits: f"other-audio-{name}")
+    assert acc.code_version("ast") != v  # new audio in the corpus: new cells
+
+
+def test_code_version_needs_the_built_corpus(monkeypatch) -> None:
+    monkeypatch.setattr(acc, "built_digest", lambda name, splits: None)
+    with pytest.raises(FileNotFoundError, match="corpus 'kws' .* run `esc-ao corpus kws`"):
+        acc.code_version("ast")
 
 
 def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:

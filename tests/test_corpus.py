@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from esc_ao.corpus import CorpusSpec, MissingEngineError, Voice, load_corpus, verify
+from esc_ao.corpus import CorpusSpec, MissingEngineError, Voice, built_digest, load_corpus, verify
 from esc_ao.corpus import augment, texts
+from esc_ao.corpus.builder import content_digest
 from esc_ao.corpus.voices import check_engine
 
 TRAIN = (Voice("flite", "kal16"), Voice("festival", "kal_diphone"), Voice("espeak-ng", "en-us"), Voice("piper", "joe"))
@@ -85,6 +86,27 @@ def test_corrupt_or_partial_cache_is_detected_and_rebuilt(built, tmp_path: Path,
     manifest = json.loads((corpus.root / "manifest.json").read_text())
     assert verify(corpus.root, "0" * 16).startswith("built for fingerprint")
     assert manifest["fingerprint"] == fingerprint
+
+
+def test_content_digest_follows_the_audio_not_the_build(built, tmp_path: Path) -> None:
+    corpus, root = built
+    digest = built_digest("tiny-asr", root=root)
+    assert digest == content_digest(corpus.manifest) and len(digest) == 16
+    assert built_digest("tiny-asr", root=tmp_path) is None  # nothing built there
+    rebuilt = load_corpus(_asr_spec(), root=tmp_path, workers=2)  # another build, same audio
+    assert built_digest("tiny-asr", root=tmp_path) == digest
+    changed = json.loads(json.dumps(rebuilt.manifest))
+    changed["items"][0]["engine_version"] = "another build"  # provenance only: same content
+    assert content_digest(changed) == digest
+    changed["items"][0]["sha256"] = "0" * 64  # other audio: other digest
+    assert content_digest(changed) != digest
+    test_item = next(i for i in changed["items"] if i["split"] == "test")
+    train_item = next(i for i in changed["items"] if i["split"] == "train")
+    eval_digest = content_digest(changed, ("calibration", "test"))
+    train_item["text"] = "a different training text"  # outside the splits asked for
+    assert content_digest(changed, ("calibration", "test")) == eval_digest
+    test_item["label"] = "other"
+    assert content_digest(changed, ("calibration", "test")) != eval_digest
 
 
 def test_missing_engine_names_the_package(monkeypatch) -> None:

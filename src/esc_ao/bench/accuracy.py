@@ -7,9 +7,11 @@ Each cell (model, method, bits, seed, code version) is one JSON file in the cell
 (default docs/results/accuracy_cells); a cell that exists is read, not recomputed, so a long
 table is built over several runs and an interrupted run loses at most the cell in flight.
 The code version is a hash of the sources that decide the numbers (quantizer, observers,
-calibration, corpus, features, the bench itself) and of the model's own task code and
-trained weights: changing shared code recomputes every cell, retraining one model only
-that model's cells.
+calibration, features, the bench itself), of the model's own task code and trained weights,
+and of the content of its corpus's calibration and test splits (texts, labels, audio
+hashes; not the builder's code, so a change in how corpora are built keeps the cells while
+any change of audio recomputes them): changing shared code recomputes every cell,
+retraining one model only that model's cells.
 
 Outputs (written atomically): ``accuracy.json`` (one record per cell: model, method, bits,
 metric, value with its 95 % interval, size_bytes, calibration_seconds, ...),
@@ -23,8 +25,10 @@ reference graph (integer grids, float arithmetic between them).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -32,15 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx import GraphModule
 
 from esc_ao.bench.tasks import Task, build_task
 from esc_ao.calibrate import calibrate
+from esc_ao.corpus import built_digest, load_corpus
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.pipeline import convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic, write_text_atomic
 
-__all__ = ["BITS", "MODELS", "AccuracySettings", "code_version", "render", "run_accuracy_bench"]
+__all__ = ["BITS", "MODELS", "MODEL_CORPUS", "AccuracySettings", "code_version", "render", "run_accuracy_bench"]
+
+log = logging.getLogger(__name__)
 
 MODELS = ("whisper-tiny.en", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
@@ -48,13 +56,15 @@ BITS = ("w8a8", "w4a8", "w4a4")
 # that decide one model's: its task code and its trained weights.
 _NUMERIC_SOURCES = ("annotators.py", "calibrate.py", "config.py", "graph_prep.py", "histogram.py", "local_step.py",
                     "metrics.py", "objectives.py", "observers.py", "pipeline.py", "quantizer.py", "search_space.py",
-                    "corpus", "speech/features.py", "bench/accuracy.py", "bench/tasks.py")
+                    "speech/features.py", "bench/accuracy.py", "bench/tasks.py")
 _MODEL_SOURCES = {
     "whisper-tiny.en": ("bench/whisper_task.py", "speech/whisper.py", "speech/ct2_whisper.py"),
     "conformer-ctc": ("speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
                       "data/models/conformer_ctc.pt"),
     "ast": ("speech/ast.py", "speech/pretrained.py", "data/models/ast.pt"),
 }
+MODEL_CORPUS = {"whisper-tiny.en": "asr", "conformer-ctc": "asr", "ast": "kws"}
+_EVAL_SPLITS = ("calibration", "test")
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,18 @@ class AccuracySettings:
 
 
 def code_version(model: str) -> str:
-    """Hash (12 hex digits) of the shared sources and ``model``'s own (task code, weights):
-    retraining one model recomputes its cells only."""
+    """Hash (12 hex digits) of the shared sources, ``model``'s own (task code, weights) and
+    its corpus's evaluation content: retraining one model recomputes its cells only.
+
+    Raises:
+        FileNotFoundError: the model's corpus is not built (the version depends on its audio).
+    """
+    digest = built_digest(MODEL_CORPUS[model], _EVAL_SPLITS)
+    if digest is None:
+        raise FileNotFoundError(f"corpus {MODEL_CORPUS[model]!r} (used by {model}) is not built: "
+                                f"run `esc-ao corpus {MODEL_CORPUS[model]}` first")
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
+    h = hashlib.sha256(digest.encode())
     for rel in _NUMERIC_SOURCES + _MODEL_SOURCES[model]:
         path = root / rel
         files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
@@ -98,9 +116,12 @@ def _float_cell(task: Task) -> dict[str, Any]:
             "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings) -> dict[str, Any]:
+def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
+                exported: dict[str, GraphModule]) -> dict[str, Any]:
     """Quantizes the task's parts in order (each calibrated on what the quantized parts
-    before it produce), then evaluates the converted graphs on the test split."""
+    before it produce), then evaluates the converted graphs on the test split.
+    ``exported``: each part's float graph, exported on first use and copied for every
+    cell (prepare rewrites the graph it is given; export takes seconds to a minute)."""
     config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=method)
     t0 = time.perf_counter()
     converted: dict[str, Any] = {}
@@ -108,8 +129,9 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings) 
     esc: list[dict[str, Any]] = []
     for part in task.parts:
         batches = part.calibration(converted)
-        graph = export_model(part.model, batches[0], part.dynamic_shapes)
-        prepared = prepare(graph, EscQuantizer(config, target="reference"))
+        if part.name not in exported:
+            exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
+        prepared = prepare(copy.deepcopy(exported[part.name]), EscQuantizer(config, target="reference"))
         observe(prepared, batches)
         if method == "esc":
             search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
@@ -144,15 +166,17 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
         if bad:
             raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}: use one of {', '.join(valid)}")
     for model in models:
+        load_corpus(MODEL_CORPUS[model])  # verified (rebuilt if stale) before its digest keys the cells
         version = code_version(model)
         task: Task | None = None
+        exported: dict[str, GraphModule] = {}
         for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
             path = _cell_path(cells, model, method, b, settings, version)
             if path.exists():
                 continue
             if task is None:
                 task = build_task(model, settings.n_calibration, settings.seed)
-            row = _float_cell(task) if method == "float" else _quant_cell(task, method, b, settings)
+            row = _float_cell(task) if method == "float" else _quant_cell(task, method, b, settings, exported)
             row.update(model=model, metric=task.metric, seed=settings.seed, code_version=version,
                        n_calibration=settings.n_calibration, machine=_machine(), notes=task.notes)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +197,23 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def _versions() -> dict[str, str]:
+    """Each model's current code version; models whose corpus is not built are left out
+    (their cells cannot be matched: a warning says so)."""
+    versions = {}
+    for model in MODELS:
+        try:
+            versions[model] = code_version(model)
+        except FileNotFoundError as exc:
+            log.warning("%s: its cells are left out of the table", exc)
+    return versions
+
+
 def _collect(cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
     """Every cell present for these settings and each model's current code version."""
     rows = []
-    for model in MODELS:
-        pattern = f"*-n{settings.n_calibration}-s{settings.seed}-{code_version(model)}.json"
+    for model, version in _versions().items():
+        pattern = f"*-n{settings.n_calibration}-s{settings.seed}-{version}.json"
         rows += [json.loads(p.read_text()) for p in sorted((cells / model).glob(pattern))]
     order = {m: i for i, m in enumerate(("float", *METHODS))}
     return sorted(rows, key=lambda r: (MODELS.index(r["model"]), ("fp32", *BITS).index(r["bits"]), order[r["method"]]))
@@ -190,7 +226,7 @@ def _fmt(r: dict[str, Any]) -> str:
 
 def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    versions = {m: code_version(m) for m in MODELS}
+    versions = _versions()
     write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_versions": versions, "rows": rows})
     machines = sorted({r.get("machine", "?") for r in rows})
     lines = ["# Accuracy benchmark: calibration methods x bit widths", "",

@@ -39,10 +39,6 @@ __all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "whisper_task"]
 
 SEARCH_UTTERANCES = 8
 MAX_TOKENS = 96
-# One utterance at a time: the exported graphs have a static batch of 1 (a dynamic batch
-# cannot be exported from batch-1 examples, and teacher-forced calibration sequences differ
-# in length). Batching would save little: the encoder dominates.
-_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -137,9 +133,11 @@ def whisper_task(n_calibration: int, seed: int) -> Task:
     corpus = load_corpus("asr")
     calib = calibration_sample(corpus.utterances("calibration"), n_calibration, seed)
     mels = [whisper_mel(torch.from_numpy(u.audio())) for u in calib]
+    # One utterance per call throughout: the exported graphs have a static batch of 1 (a
+    # dynamic batch cannot be exported from batch-1 examples, and teacher-forced sequences
+    # differ in length).
     with torch.no_grad():  # the float model's transcripts: the teacher-forcing targets
-        transcripts = [t for i in range(0, len(mels), _BATCH)
-                       for t in greedy_transcribe(audio, text, torch.cat(mels[i:i + _BATCH]))]
+        transcripts = [greedy_transcribe(audio, text, m)[0] for m in mels]
     tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
     n_search = min(SEARCH_UTTERANCES, len(mels))
 
@@ -159,10 +157,8 @@ def whisper_task(n_calibration: int, seed: int) -> Task:
     test = corpus.utterances("test")
 
     def evaluate(forwards: dict[str, Forward]) -> Any:
-        hyps = []
-        for i in range(0, len(test), _BATCH):
-            batch = torch.cat([whisper_mel(torch.from_numpy(u.audio())) for u in test[i:i + _BATCH]])
-            hyps += [tok.decode(t) for t in greedy_transcribe(forwards["audio"], forwards["text"], batch)]
+        hyps = [tok.decode(greedy_transcribe(forwards["audio"], forwards["text"],
+                                             whisper_mel(torch.from_numpy(u.audio())))[0]) for u in test]
         return wer([u.text for u in test], hyps, seed=seed)
 
     return Task("whisper-tiny.en", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),

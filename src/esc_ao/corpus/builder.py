@@ -40,8 +40,8 @@ import torch
 from esc_ao.corpus import augment, texts
 from esc_ao.corpus.voices import SAMPLE_RATE, Voice, check_engine, engine_version
 
-__all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "cache_root",
-           "load_corpus"]
+__all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "built_digest",
+           "cache_root", "load_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,26 @@ def load_corpus(name: str | CorpusSpec, root: Path | None = None, workers: int |
         log.warning("corpus %s at %s is rebuilt: %s", spec.name, folder, problem)
     manifest = _build(spec, folder, fingerprint, workers)
     return Corpus(spec, folder, manifest)
+
+
+def content_digest(manifest: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
+    """Hash (16 hex digits) of what ``splits`` hold: every clip's id, text, label and audio
+    SHA-256. Unlike the fingerprint it ignores how the corpus was built (workers, caching),
+    so results keyed by it survive infrastructure changes and follow any change of audio."""
+    h = hashlib.sha256()
+    for item in sorted((i for i in manifest["items"] if i["split"] in splits), key=lambda i: i["id"]):
+        h.update(json.dumps([item["id"], item["split"], item["text"], item["label"], item["sha256"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def built_digest(name: str, splits: tuple[str, ...] = SPLITS, root: Path | None = None) -> str | None:
+    """``content_digest`` of the cached corpus ``name`` as its manifest records it (files
+    are not re-hashed: load_corpus does that); None when no build is cached."""
+    path = (root or cache_root()) / "corpora" / name / "manifest.json"
+    try:
+        return content_digest(json.loads(path.read_text()), splits)
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
 
 
 def verify(folder: Path, fingerprint: str) -> str | None:
