@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from esc_ao.bench import accuracy as acc
+from esc_ao.bench import cells
 from esc_ao.bench.tasks import single_part
 from esc_ao.metrics import accuracy
 from esc_ao.objectives import CrossEntropy
@@ -43,7 +44,7 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(acc, "build_task", build)
     # The stand-in needs no corpus: the data part of the version is a fixed digest.
     monkeypatch.setattr(acc, "load_corpus", lambda name: None)
-    monkeypatch.setattr(acc, "built_digest", lambda name, splits: f"digest-of-{name}")
+    monkeypatch.setattr(cells, "built_digest", lambda name, splits: f"digest-of-{name}")
     return calls
 
 
@@ -67,7 +68,7 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == acc.code_version("ast")
+    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == cells.code_version("ast")
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| w4a4 | esc |" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     # A second run finds every cell and builds nothing; a new method fills only its cells.
@@ -86,7 +87,7 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
     acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
                            acc.AccuracySettings(n_calibration=16, seed=1))
     assert len(stand_in) == 2
-    monkeypatch.setattr(acc, "code_version", lambda model: "feedfacecafe")
+    monkeypatch.setattr(cells, "code_version", lambda model: "feedfacecafe")
     rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
     assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
 
@@ -102,17 +103,17 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
 
 
 def test_code_version_is_a_stable_hash_per_model(stand_in, monkeypatch) -> None:
-    v = acc.code_version("ast")
-    assert v == acc.code_version("ast") and len(v) == 12 and int(v, 16) >= 0
-    assert len({acc.code_version(m) for m in acc.MODELS}) == 3
-    monkeypatch.setattr(acc, "built_digest", lambda name, splits: f"other-audio-{name}")
-    assert acc.code_version("ast") != v  # new audio in the corpus: new cells
+    v = cells.code_version("ast")
+    assert v == cells.code_version("ast") and len(v) == 12 and int(v, 16) >= 0
+    assert len({cells.code_version(m) for m in cells.MODELS}) == 3
+    monkeypatch.setattr(cells, "built_digest", lambda name, splits: f"other-audio-{name}")
+    assert cells.code_version("ast") != v  # new audio in the corpus: new cells
 
 
 def test_code_version_needs_the_built_corpus(monkeypatch) -> None:
-    monkeypatch.setattr(acc, "built_digest", lambda name, splits: None)
+    monkeypatch.setattr(cells, "built_digest", lambda name, splits: None)
     with pytest.raises(FileNotFoundError, match="corpus 'kws' .* run `esc-ao corpus kws`"):
-        acc.code_version("ast")
+        cells.code_version("ast")
 
 
 def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
@@ -122,3 +123,13 @@ def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
     assert "unknown model 'resnet': use one of whisper-tiny.en, conformer-ctc, ast" in capsys.readouterr().err
     assert main(["corpus", "librispeech"]) == 2
     assert "use one of asr, kws" in capsys.readouterr().err
+
+
+def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:
+    base = cells.AccuracySettings()
+    bigger = cells.AccuracySettings(budget=base.budget * 4)
+    assert cells.cell_path(tmp_path, "ast", "esc", "w4a4", base, "v") != cells.cell_path(tmp_path, "ast", "esc",
+                                                                                         "w4a4", bigger, "v")
+    # a baseline does not depend on ESC's search: its cell is shared
+    assert cells.cell_path(tmp_path, "ast", "max", "w4a4", base, "v") == cells.cell_path(tmp_path, "ast", "max",
+                                                                                         "w4a4", bigger, "v")
