@@ -130,3 +130,22 @@ def test_text_half_exports_with_dynamic_length_and_quantizes(model, mels) -> Non
             # W8A8 Max on one sequence: measured 7.1 dB at n=4 (the decoder is hard to quantize too)
             assert output_sqnr(text, converted, [(tokens[:, :n], k, v)]) > 3.0
         assert torch.allclose(text(tokens, k, v)[:, :4], text(tokens[:, :4], k, v), atol=1e-4)
+
+
+def test_a_decoding_loop_is_cut_at_the_token_limit() -> None:
+    """A model that never ends its transcript (a collapsed quantized one) is decoded up to
+    token_limit(duration) tokens; the limit grows with the audio and stays within the graph."""
+    from esc_ao.bench.whisper_task import MAX_TOKENS, greedy_transcribe, token_limit
+
+    def audio(mels):
+        return torch.zeros(1), torch.zeros(1)
+
+    def looping_text(tokens, keys, values):
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], 51864)
+        logits[..., 262] = 1.0  # always the same word, never end-of-text
+        return logits
+
+    mels = torch.zeros(1, 80, 3000)
+    assert len(greedy_transcribe(audio, looping_text, mels, max_tokens=token_limit(2.0))[0]) == token_limit(2.0) == 32
+    assert len(greedy_transcribe(audio, looping_text, mels)[0]) == MAX_TOKENS
+    assert token_limit(0.5) < token_limit(5.4) <= MAX_TOKENS and token_limit(60.0) == MAX_TOKENS

@@ -23,6 +23,7 @@ calibration utterances; observers see all of them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,10 +36,16 @@ from esc_ao.metrics import wer
 from esc_ao.objectives import first_tensor
 from esc_ao.pipeline import Batch
 
-__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "whisper_task"]
+__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "token_limit", "whisper_task"]
 
 SEARCH_UTTERANCES = 8
-MAX_TOKENS = 96
+MAX_TOKENS = 96  # the graphs' longest prefix
+# A transcript is cut at 16 + 8 tokens per second of audio. The corpus's texts need at most
+# 5.5 tokens per second (measured over all 3 700 clips; the longest is 12 tokens), so only a
+# decoding loop reaches the cut, and a collapsed quantized model's loop costs 16 + 8 s tokens
+# of decoding (each one an insertion error) instead of MAX_TOKENS: a W4A4 baseline cell
+# would otherwise decode 96 steps for every utterance (about 80 min per cell on one core).
+_TOKENS_FIXED, _TOKENS_PER_SECOND = 16, 8.0
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,20 @@ def _decoding() -> _Decoding:
                      tuple(tok.encode(" ") + [tok.eot]))
 
 
-def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor) -> list[list[int]]:
-    """Greedy decoding of a batch of log-mels (B, 80, 3000) -> token lists (no prompt, no EOT)."""
+def token_limit(seconds: float) -> int:
+    """The longest transcript decoded for ``seconds`` of audio (see _TOKENS_PER_SECOND)."""
+    return min(MAX_TOKENS, _TOKENS_FIXED + math.ceil(_TOKENS_PER_SECOND * seconds))
+
+
+def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor,
+                      max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """Greedy decoding of a batch of log-mels (B, 80, 3000) -> token lists (no prompt, no EOT),
+    at most ``max_tokens`` each."""
     dec = _decoding()
     keys, values = audio(mels)
     tokens = torch.tensor([list(dec.prompt)] * mels.shape[0])
     done = torch.zeros(mels.shape[0], dtype=torch.bool)
-    for step in range(MAX_TOKENS):
+    for step in range(min(max_tokens, MAX_TOKENS)):
         logits = first_tensor(text(tokens, keys, values))[:, -1].float()
         logits[:, list(dec.suppress)] = -torch.inf
         if step == 0:
@@ -137,7 +151,8 @@ def whisper_task(n_calibration: int, seed: int) -> Task:
     # dynamic batch cannot be exported from batch-1 examples, and teacher-forced sequences
     # differ in length).
     with torch.no_grad():  # the float model's transcripts: the teacher-forcing targets
-        transcripts = [greedy_transcribe(audio, text, m)[0] for m in mels]
+        transcripts = [greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]))[0]
+                       for u, m in zip(calib, mels)]
     tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
     n_search = min(SEARCH_UTTERANCES, len(mels))
 
@@ -157,10 +172,13 @@ def whisper_task(n_calibration: int, seed: int) -> Task:
     test = corpus.utterances("test")
 
     def evaluate(forwards: dict[str, Forward]) -> Any:
-        hyps = [tok.decode(greedy_transcribe(forwards["audio"], forwards["text"],
-                                             whisper_mel(torch.from_numpy(u.audio())))[0]) for u in test]
+        hyps = []
+        for u in test:
+            mel = whisper_mel(torch.from_numpy(u.audio()))
+            limit = token_limit(u.meta["duration_s"])
+            hyps.append(tok.decode(greedy_transcribe(forwards["audio"], forwards["text"], mel, limit)[0]))
         return wer([u.text for u in test], hyps, seed=seed)
 
     return Task("whisper-tiny.en", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
                 {"test_utterances": len(test), "search_utterances": n_search,
-                 "decoding": "greedy, max 96 tokens"})
+                 "decoding": f"greedy, at most {_TOKENS_FIXED} + {_TOKENS_PER_SECOND:g} tokens per second of audio"})
