@@ -12,6 +12,7 @@ from torch import nn
 
 from esc_ao.bench import accuracy as acc
 from esc_ao.bench import cells
+from esc_ao.bench.accuracy_table import stale_cells
 from esc_ao.bench.tasks import single_part
 from esc_ao.metrics import accuracy
 from esc_ao.objectives import CrossEntropy
@@ -90,6 +91,10 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
     monkeypatch.setattr(cells, "code_version", lambda model: "feedfacecafe")
     rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
     assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
+    # the cells of the older version (both seeds) are stale; the new ones are not
+    stale = stale_cells(tmp_path / "c")
+    assert len(stale) == 4 and all("feedfacecafe" not in p.name for p in stale)
+    assert len(list((tmp_path / "c" / "ast").glob("*feedfacecafe.json"))) == 2
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--cells", type=Path, default=Path("docs/results/accuracy_cells"),
                     help="one JSON per computed cell; existing cells are reused")
     ba.add_argument("--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing")
+    ba.add_argument("--prune", action="store_true",
+                    help="delete the cells of older code versions (the table never shows them), then render")
     c = sub.add_parser("corpus", help="build (or verify) the offline TTS corpora")
     c.add_argument("names", nargs="*", default=["asr", "kws"])
     return p
@@ -159,10 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench" and args.bench == "accuracy":
         from esc_ao.bench.accuracy import AccuracySettings, render, run_accuracy_bench
+        from esc_ao.bench.accuracy_table import stale_cells
 
         settings = AccuracySettings(n_calibration=args.calib_samples, seed=args.seed, budget=args.budget,
                                     popsize=args.popsize)
-        if args.render_only:
+        if args.prune:
+            stale = stale_cells(args.cells)
+            for path in stale:
+                path.unlink()
+            print(f"{len(stale)} cells of older code versions deleted from {args.cells}")
+        if args.render_only or args.prune:
             print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
             return 0
         try:

@@ -17,7 +17,7 @@ from esc_ao.bench.cells import BITS, MODELS, AccuracySettings
 from esc_ao.config import METHODS
 from esc_ao.report import write_json_atomic, write_text_atomic
 
-__all__ = ["render"]
+__all__ = ["render", "stale_cells"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ def _versions() -> dict[str, str]:
         except FileNotFoundError as exc:
             log.warning("%s: its cells are left out of the table", exc)
     return versions
+
+
+def stale_cells(cells: Path) -> list[Path]:
+    """Cell files of a code version that is no longer current (any settings). A model whose
+    corpus is not built has no current version: its cells are kept, never judged stale."""
+    versions = _versions()
+    return sorted(path for model, version in versions.items() for path in (cells / model).glob("*.json")
+                  if not path.stem.endswith(f"-{version}"))
 
 
 def _collect(cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
