@@ -69,11 +69,12 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
         observe(prepared, batches)
         if method == "esc":
             search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
-                                  seed=settings.seed, progress=False)
+                                  seed=settings.seed, progress=False, local_batches=part.local_batches)
             result = calibrate(prepared, batches[: part.search_batches], part.objective(converted), search)
             esc.append({"part": part.name, "objective_start": result.initial_objective,
                         "objective_final": result.final_objective, "evaluations": result.evaluations,
                         "scales": len(result.labels), "search_batches": len(batches[: part.search_batches]),
+                        "local_batches": part.local_batches,
                         "seconds": round(result.wall_seconds, 1), "message": result.message})
         sizes = weight_bytes(prepared, config.weight_bits)
         float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]

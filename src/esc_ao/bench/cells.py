@@ -30,9 +30,9 @@ _NUMERIC_SOURCES = ("annotators.py", "calibrate.py", "config.py", "graph_prep.py
                     "speech/features.py", "bench/cells.py", "bench/accuracy.py", "bench/tasks.py", "eval_graph.py")
 _MODEL_SOURCES = {
     "whisper-tiny.en": ("bench/whisper_task.py", "speech/whisper.py", "speech/ct2_whisper.py"),
-    "conformer-ctc": ("speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
+    "conformer-ctc": ("bench/conformer_task.py", "speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
                       "data/models/conformer_ctc.pt"),
-    "ast": ("speech/ast.py", "speech/pretrained.py", "data/models/ast.pt"),
+    "ast": ("bench/ast_task.py", "speech/ast.py", "speech/pretrained.py", "data/models/ast.pt"),
 }
 _EVAL_SPLITS = ("calibration", "test")
 

@@ -36,7 +36,7 @@ from esc_ao.metrics import wer
 from esc_ao.objectives import first_tensor
 from esc_ao.pipeline import Batch
 
-__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "token_limit", "whisper_task"]
+__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit"]
 
 SEARCH_UTTERANCES = 8
 MAX_TOKENS = 96  # the graphs' longest prefix
@@ -134,7 +134,7 @@ def _teacher_forcing(prompt: Sequence[int], transcripts: list[list[int]], eot: i
     return inputs, targets
 
 
-def whisper_task(n_calibration: int, seed: int) -> Task:
+def task(n_calibration: int, seed: int) -> Task:
     from whisper.tokenizer import get_tokenizer
 
     from esc_ao.speech import load_whisper_tiny_en, whisper_mel
