@@ -31,8 +31,7 @@ VARIANTS = (
     ("max, affine", "max", False, 0),
     ("mse, symmetric", "mse", True, 0),
     ("mse, affine", "mse", False, 0),
-    ("esc, symmetric", "esc", True, 30),
-    ("esc, affine", "esc", False, 30),
+    ("esc, affine", "esc", False, 30),  # symmetric with budget 30: the table's W4A4 ESC cell
     ("esc, symmetric, budget x4", "esc", True, 120),
 )
 
@@ -75,14 +74,21 @@ def main() -> None:
                **run_variant(task, graph, method, symmetric, budget, args.seed)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    stem = args.out / f"w4a4_diagnosis_{args.model}"
-    write_json_atomic(stem.with_suffix(".json"), {"model": args.model, "metric": task.metric, "rows": rows})
-    lines = [f"# W4A4 variants: {args.model} ({task.metric}, %)", "",
-             f"Command: `python examples/w4a4_diagnosis.py --model {args.model} --threads {args.threads}`. "
+        write_results(args.out / f"w4a4_diagnosis_{args.model}", args.model, task.metric, args.threads, rows)
+
+
+def write_results(stem: Path, model: str, metric: str, threads: int, rows: list[dict[str, Any]]) -> None:
+    """JSON and Markdown of the variants so far (rewritten after each: a stopped run keeps them)."""
+    write_json_atomic(stem.with_suffix(".json"), {"model": model, "metric": metric, "rows": rows})
+    lines = [f"# W4A4 variants: {model} ({metric}, %)", "",
+             f"Command: `python examples/w4a4_diagnosis.py --model {model} --threads {threads}`. "
              "Weights 4-bit per channel, activations 4-bit per tensor, full integer (as the table).", "",
-             f"| variant | {task.metric} % [95 % CI] | seconds |", "|---|---|---|"]
-    lines += [f"| {r['variant']} | {100 * r['value']:.2f} [{100 * r['ci95_low']:.2f}, {100 * r['ci95_high']:.2f}] | "
-              f"{r['seconds']:.0f} |" for r in rows]
+             f"| variant | {metric} % [95 % CI] | ESC objective start -> final | seconds |", "|---|---|---|---|"]
+    for r in rows:
+        search = r["search"]
+        objective = f"{search['objective_start']:.4f} -> {search['objective_final']:.4f}" if search else "-"
+        lines.append(f"| {r['variant']} | {100 * r['value']:.2f} [{100 * r['ci95_low']:.2f}, "
+                     f"{100 * r['ci95_high']:.2f}] | {objective} | {r['seconds']:.0f} |")
     write_text_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
