@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
     """Writes the JSON, Markdown and plot from the cells present (computes nothing)."""
-    rows = _collect(cells, settings)
-    _write_outputs(rows, out, settings)
+    versions = _versions()  # hashes every model's weights and manifest: once per render
+    rows = _collect(cells, settings, versions)
+    _write_outputs(rows, out, settings, versions)
     return rows
 
 
@@ -49,11 +50,11 @@ def stale_cells(cells: Path) -> list[Path]:
                   if not path.stem.endswith(f"-{version}"))
 
 
-def _collect(cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
+def _collect(cells: Path, settings: AccuracySettings, versions: dict[str, str]) -> list[dict[str, Any]]:
     """Every cell present for these settings and each model's current code version, in
     table order (float first, then bits x methods)."""
     rows = []
-    for model, version in _versions().items():
+    for model, version in versions.items():
         for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
             path = cellkeys.cell_path(cells, model, method, bits, settings, version)
             if path.exists():
@@ -66,9 +67,9 @@ def _fmt(r: dict[str, Any]) -> str:
     return f"{scale * r['value']:.2f} [{scale * r['ci95_low']:.2f}, {scale * r['ci95_high']:.2f}]"
 
 
-def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings) -> None:
+def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings,
+                   versions: dict[str, str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    versions = _versions()
     write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_versions": versions, "rows": rows})
     machines = sorted({r.get("machine", "?") for r in rows})
     lines = ["# Accuracy benchmark: calibration methods x bit widths", "",
