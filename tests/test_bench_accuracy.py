@@ -25,13 +25,14 @@ def _task(n_calibration: int, seed: int):
     with torch.no_grad():
         y = model(x).argmax(-1)  # labels the float model gets right: accuracy 1.0 in float
     batches = [(xb,) for xb in torch.split(x[:n_calibration], 8)]
-    objective = CrossEntropy(list(torch.split(y[:n_calibration], 8)))
+    labels = list(torch.split(y[:n_calibration], 8))
 
     def evaluate(forward):
         pred = torch.cat([forward(xb).argmax(-1) for xb in torch.split(x, 8)])  # static batch of 8
         return accuracy((pred == y).tolist())
 
-    return single_part("ast", "accuracy", model, batches, objective, evaluate, {"stand_in": True})
+    return single_part("ast", "accuracy", model, batches, lambda idx: CrossEntropy([labels[i] for i in idx]),
+                       evaluate, {"stand_in": True})
 
 
 @pytest.fixture
@@ -69,7 +70,8 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == cells.code_version("ast")
+    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == {"baselines": cells.code_version("ast", "max"),
+                                                                   "esc": cells.code_version("ast", "esc")}
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| w4a4 | esc |" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     # A second run finds every cell and builds nothing; a new method fills only its cells.
@@ -88,7 +90,7 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
     acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
                            acc.AccuracySettings(n_calibration=16, seed=1))
     assert len(stand_in) == 2
-    monkeypatch.setattr(cells, "code_version", lambda model: "feedfacecafe")
+    monkeypatch.setattr(cells, "code_version", lambda model, method: "feedfacecafe")
     rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
     assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
     # the cells of the older version (both seeds) are stale; the new ones are not
@@ -108,17 +110,27 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
 
 
 def test_code_version_is_a_stable_hash_per_model(stand_in, monkeypatch) -> None:
-    v = cells.code_version("ast")
-    assert v == cells.code_version("ast") and len(v) == 12 and int(v, 16) >= 0
-    assert len({cells.code_version(m) for m in cells.MODELS}) == 3
+    v = cells.code_version("ast", "max")
+    assert v == cells.code_version("ast", "mse") and len(v) == 12 and int(v, 16) >= 0
+    assert len({cells.code_version(m, "max") for m in cells.MODELS}) == 3
+    assert cells.code_version("ast", "esc") != v  # ESC cells are keyed by the search's code too
     monkeypatch.setattr(cells, "built_digest", lambda name, splits: f"other-audio-{name}")
-    assert cells.code_version("ast") != v  # new audio in the corpus: new cells
+    assert cells.code_version("ast", "max") != v  # new audio in the corpus: new cells
+
+
+def test_search_code_keys_only_the_esc_cells(stand_in, monkeypatch) -> None:
+    before = {m: cells.code_version("ast", m) for m in ("max", "esc")}
+    monkeypatch.setattr(cells, "_SEARCH_SOURCES", cells._SEARCH_SOURCES[:-1])  # as if the search code changed
+    assert cells.code_version("ast", "max") == before["max"]
+    assert cells.code_version("ast", "esc") != before["esc"]
+    monkeypatch.setattr(cells, "_NUMERIC_PACKAGES", ("torch", "numpy"))  # as if a package changed: every cell
+    assert cells.code_version("ast", "max") != before["max"]
 
 
 def test_code_version_needs_the_built_corpus(monkeypatch) -> None:
     monkeypatch.setattr(cells, "built_digest", lambda name, splits: None)
     with pytest.raises(FileNotFoundError, match="corpus 'kws' .* run `esc-ao corpus kws`"):
-        cells.code_version("ast")
+        cells.code_version("ast", "max")
 
 
 def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:

@@ -147,6 +147,48 @@ def test_nan_candidates_are_penalised_and_all_nan_stops_with_a_node_name() -> No
         calibrate(prepared, batches, objective=nan_after_start, config=SearchConfig(budget=2, **FAST))
 
 
+def test_a_shared_observer_is_one_dimension() -> None:
+    """Observers shared by several tensors (e.g. a residual stream's) are called at several
+    nodes; each is one scale, so one search dimension, and the search's written scales are
+    exactly the result's (a duplicate dimension would be overwritten by its last copy)."""
+    _, prepared, batches = small_setup()
+    dims = find_scale_dims(prepared)
+    assert len({id(d.observer) for d in dims}) == len(dims)
+    assert any(len(d.nodes) > 1 for d in dims)  # the Conformer block shares observers
+    calls = sum(1 for n in prepared.graph.nodes if n.op == "call_module" and any(n in d.nodes for d in dims))
+    assert calls == sum(len(d.nodes) for d in dims)
+    result = calibrate(prepared, batches, config=SearchConfig(budget=20, **FAST))
+    assert result.improved and len(result.final_scales) == len(dims)
+    assert [d.observer.scale for d in find_scale_dims(prepared)] == pytest.approx(result.final_scales, rel=1e-6)
+
+
+def test_holdout_keeps_a_result_that_also_helps_there() -> None:
+    _, prepared, batches = small_setup()
+    result = calibrate(prepared, batches[:2], config=SearchConfig(budget=6, **FAST), holdout=batches[2:])
+    assert result.improved and result.final_objective < result.initial_objective
+    assert result.holdout_final < result.holdout_start and "held-out objective" in result.message
+    assert [d.observer.scale for d in find_scale_dims(prepared)] == pytest.approx(result.final_scales, rel=1e-6)
+
+
+def test_holdout_keeps_the_start_when_the_result_is_worse_there() -> None:
+    """A held-out objective that prefers larger errors stands in for a search that fitted
+    its own batches only: the searched scales are dropped, the start is written."""
+    _, prepared, batches = small_setup()
+    mse = OutputMSE()
+    result = calibrate(prepared, batches[:2], config=SearchConfig(budget=6, **FAST), holdout=batches[2:],
+                       holdout_objective=lambda outputs, refs: -mse(outputs, refs))
+    assert not result.improved and result.final_scales == result.initial_scales
+    assert result.final_objective == result.initial_objective
+    assert result.holdout_final > result.holdout_start and "kept the start" in result.message
+    assert [d.observer.scale for d in find_scale_dims(prepared)] == pytest.approx(result.initial_scales, rel=1e-6)
+
+
+def test_without_holdout_nothing_is_checked() -> None:
+    _, prepared, batches = small_setup()
+    result = calibrate(prepared, batches, config=SearchConfig(budget=1, **FAST))
+    assert result.holdout_start is None and result.holdout_final is None
+
+
 def test_variable_length_batches_are_searched() -> None:
     """Speech utterances differ in length: objectives compare outputs batch by batch, so
     batches of different shapes (a graph exported with a dynamic dimension) are fine."""

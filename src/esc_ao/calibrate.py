@@ -69,6 +69,10 @@ class CalibrationResult:
     evaluations: int
     wall_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    # the held-out check (None without held-out batches): objective of the start and of
+    # the searched scales on batches the search did not score
+    holdout_start: float | None = None
+    holdout_final: float | None = None
 
     @property
     def evaluations_per_second(self) -> float:
@@ -183,6 +187,8 @@ def calibrate(
     objective: Objective | None = None,
     config: SearchConfig = SearchConfig(),
     checkpoint: str | Path | None = None,
+    holdout: Iterable[Any] | None = None,
+    holdout_objective: Objective | None = None,
 ) -> CalibrationResult:
     """Searches the activation scales of a prepared, observed model and writes them into
     its observers (``convert_pt2e`` then uses them).
@@ -194,6 +200,13 @@ def calibrate(
         config: search settings.
         checkpoint: file to write the search state to after each generation; an existing
             one for the same model and config is resumed.
+        holdout: calibration batches the search does not score. When given, the searched
+            scales are kept only if they also beat the search's start on these; otherwise
+            the start is kept. On a flat objective CMA-ES's mean drifts to scales that fit
+            the scored batches only (measured on the W8A8 Conformer-CTC: CTC loss lower,
+            test WER 42.2 % against 41.0 % at the start).
+        holdout_objective: the objective on ``holdout``; default ``objective`` (pass
+            another when the objective holds per-batch targets).
 
     Raises:
         NoObserversError, CalibrationDataError, CheckpointError, NonFiniteObjectiveError.
@@ -203,14 +216,15 @@ def calibrate(
     # zero changes nothing a quantizer keeps (they all round to level 0).
     flush = torch.set_flush_denormal(True)
     try:
-        return _calibrate(prepared, data, objective, config, checkpoint)
+        return _calibrate(prepared, data, objective, config, checkpoint, holdout, holdout_objective)
     finally:
         if flush:
             torch.set_flush_denormal(False)
 
 
 def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective | None, config: SearchConfig,
-               checkpoint: str | Path | None) -> CalibrationResult:
+               checkpoint: str | Path | None, holdout: Iterable[Any] | None,
+               holdout_objective: Objective | None) -> CalibrationResult:
     t0 = time.perf_counter()
     batches = as_batches(data)
     cluster = cluster_from_env(config.dist_timeout_s)
@@ -246,11 +260,22 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
     else:
         improved, final_scales, final_obj = False, list(local), init_obj
         message = "the search did not improve on the local step; kept the local-step scales"
+    held: tuple[float, float] | None = None
+    if holdout is not None:
+        held_out = _Evaluator(prepared, dims, cluster.shard(as_batches(holdout)),
+                              holdout_objective or objective or OutputMSE(), cluster)
+        held = (held_out(local), held_out(final_scales)) if improved else (held_out(local),) * 2
+        if improved and not held[1] < held[0]:
+            improved, final_scales, final_obj = False, list(local), init_obj
+            message += f", but not on the held-out batches ({held[0]:.6g} -> {held[1]:.6g}): kept the start"
+        else:
+            message += f"; held-out objective {held[0]:.6g} -> {held[1]:.6g}"
     _set_scales(dims, final_scales)
     message = f"start: {state['start']}; {message}"
     log.info("ESC: %s", message)
     return CalibrationResult(labels, observer_scales, list(local), final_scales, init_obj, final_obj, improved,
-                             message, state["evaluations"] + 1, time.perf_counter() - t0, list(state["history"]))
+                             message, state["evaluations"] + 1, time.perf_counter() - t0, list(state["history"]),
+                             *(held or (None, None)))
 
 
 def _start(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], config: SearchConfig,

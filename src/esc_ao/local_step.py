@@ -64,9 +64,9 @@ def _run(gm: GraphModule, node: Node, args: tuple[Any, ...], kwargs: dict[str, A
     raise NotImplementedError(f"cannot replay {node.op} node {node.name}")
 
 
-def _layer_error(gm: GraphModule, env: dict[Node, Any], dim: ScaleDim, xq: torch.Tensor,
+def _layer_error(gm: GraphModule, env: dict[Node, Any], site: Node, xq: torch.Tensor,
                  path: list[Node], consumers: list[Node]) -> float:
-    local: dict[Node, Any] = {dim.node: xq}
+    local: dict[Node, Any] = {site: xq}
 
     def lookup(a: Node) -> Any:
         return local[a] if a in local else env[a]
@@ -76,7 +76,7 @@ def _layer_error(gm: GraphModule, env: dict[Node, Any], dim: ScaleDim, xq: torch
         kwargs = map_arg(node.kwargs, lookup)
         local[node] = _run(gm, node, args, kwargs)  # type: ignore[arg-type]
     if not consumers:  # the tensor is a model output: its own error
-        ref = env[dim.node]
+        ref = env[site]
         return float((xq - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
     noise = sum(float((local[c] - env[c]).pow(2).sum()) for c in consumers)
     signal = sum(float(env[c].pow(2).sum()) for c in consumers)
@@ -98,16 +98,16 @@ def _record(prepared: GraphModule, batch: Batch, dims: list[ScaleDim]) -> dict[N
 _ROWS = 512  # rows of a linear layer's input the local step evaluates (see _linear_rows)
 
 
-def _linear_rows(dim: ScaleDim, env: dict[Node, Any], path: list[Node], consumers: list[Node]) -> Any:
+def _linear_rows(site: Node, env: dict[Node, Any], path: list[Node], consumers: list[Node]) -> Any:
     """Fast path for a tensor read only by one linear: a linear maps each row (token)
     independently, so its output error can be estimated on every k-th row (at most 512)
     instead of all of them: 3x (1500 -> 500 rows for Whisper) less work per candidate."""
     if len(path) != 1 or len(consumers) != 1:
         return None
     lin = consumers[0]
-    if lin.target != torch.ops.aten.linear.default or lin.args[0] is not dim.node:
+    if lin.target != torch.ops.aten.linear.default or lin.args[0] is not site:
         return None
-    x = env[dim.node]
+    x = env[site]
     rows = x.reshape(-1, x.shape[-1])
     step = max(1, rows.shape[0] // _ROWS)
     w = env[lin.args[1]]
@@ -123,7 +123,7 @@ def local_mse_scales(prepared: GraphModule, dims: list[ScaleDim], batches: list[
     Two-stage grid of ``grid`` points in all: grid/2 multipliers geometric over GRID_RANGE
     (plus 1.0), then grid/2 between the best one's neighbours.
     """
-    plans = [_downstream(d.node) for d in dims]
+    plans = [[(n, *_downstream(n)) for n in d.nodes] for d in dims]
     base = [d.observer.init_scale for d in dims]
     envs = [_record(prepared, batch, dims) for batch in batches]
     coarse = np.unique(np.append(np.geomspace(*GRID_RANGE, max(2, grid // 2)), 1.0))
@@ -149,22 +149,24 @@ def _argmin_last(errs: np.ndarray) -> int:
 
 
 def _dim_error(prepared: GraphModule, envs: list[dict[Node, Any]], dim: ScaleDim,
-               plan: tuple[list[Node], list[Node]]) -> Any:
-    """error(scale): the layer-output noise-to-signal ratio, summed over batches."""
+               plans: list[tuple[Node, list[Node], list[Node]]]) -> Any:
+    """error(scale): the layer-output noise-to-signal ratio, summed over batches and over
+    the tensors the observer watches (each quantized at its own call site)."""
     _, zp = dim.observer.qparams()
     qmin, qmax = dim.observer.quant_min, dim.observer.quant_max
-    fast = [_linear_rows(dim, env, *plan) for env in envs]
+    fast = [[_linear_rows(site, env, path, consumers) for site, path, consumers in plans] for env in envs]
 
     def error(scale: float) -> float:
         total = 0.0
-        for env, rows in zip(envs, fast):
-            if rows is not None:
-                x, w, b, ref = rows
-                out = torch.nn.functional.linear(fake_quantize(x, scale, zp, qmin, qmax), w, b)
-                total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-            else:
-                xq = fake_quantize(env[dim.node.args[0]], scale, zp, qmin, qmax)
-                total += _layer_error(prepared, env, dim, xq, *plan)
+        for env, rows_per_site in zip(envs, fast):
+            for (site, path, consumers), rows in zip(plans, rows_per_site):
+                if rows is not None:
+                    x, w, b, ref = rows
+                    out = torch.nn.functional.linear(fake_quantize(x, scale, zp, qmin, qmax), w, b)
+                    total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+                else:
+                    xq = fake_quantize(env[site.args[0]], scale, zp, qmin, qmax)
+                    total += _layer_error(prepared, env, site, xq, path, consumers)
         return total
 
     return error

@@ -98,11 +98,16 @@ Searchable = ActivationObserver | SearchableObserver
 
 @dataclass
 class ScaleDim:
-    """One search dimension: the observer of one activation tensor."""
+    """One search dimension: one activation observer, and so one scale, whichever tensors
+    it watches (a shared observer, e.g. the residual stream's, is called at several nodes)."""
 
     name: str  # the observer's module name in the graph
-    node: Node  # the observer's call_module node
+    nodes: list[Node]  # its call_module nodes, in graph order
     observer: Searchable
+
+    @property
+    def node(self) -> Node:
+        return self.nodes[0]
 
     @property
     def label(self) -> str:
@@ -115,13 +120,13 @@ def _is_weight(node: Node) -> bool:
 
 
 def find_scale_dims(prepared: GraphModule) -> list[ScaleDim]:
-    """Every per-tensor activation observer of a prepared graph, in graph order; wraps
-    foreign observers (and weight observers, for fake-quant) in place.
+    """Every per-tensor activation observer of a prepared graph, once, in the order of its
+    first call; wraps foreign observers (and weight observers, for fake-quant) in place.
 
     Raises:
         NoObserversError: the model was not prepared, or was already converted.
     """
-    dims: list[ScaleDim] = []
+    dims: dict[int, ScaleDim] = {}  # by observer: a shared one is one dimension
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
@@ -140,13 +145,16 @@ def find_scale_dims(prepared: GraphModule) -> list[ScaleDim]:
         else:
             obs = SearchableObserver(module, label)
             _replace(prepared, str(node.target), obs)
-        dims.append(ScaleDim(str(node.target), node, obs))
+        if id(obs) in dims:
+            dims[id(obs)].nodes.append(node)
+        else:
+            dims[id(obs)] = ScaleDim(str(node.target), [node], obs)
     if not dims:
         raise NoObserversError(
             "no activation observers found: pass the model returned by prepare_pt2e, after the calibration "
             "batches have run and before convert_pt2e"
         )
-    return dims
+    return list(dims.values())
 
 
 def _replace(gm: GraphModule, name: str, module: Any) -> None:

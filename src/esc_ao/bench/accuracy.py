@@ -18,9 +18,11 @@ esc_ao.eval_graph.for_evaluation (bit-identical outputs).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +32,70 @@ from torch.fx import GraphModule
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.accuracy_table import render
 from esc_ao.bench.cells import BITS, MODEL_CORPUS, MODELS, AccuracySettings
-from esc_ao.bench.tasks import Task, build_task
+from esc_ao.bench.tasks import Part, Task, build_task
 from esc_ao.calibrate import calibrate
-from esc_ao.corpus import load_corpus
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
+from esc_ao.corpus import load_corpus
 from esc_ao.eval_graph import for_evaluation
-from esc_ao.pipeline import convert, export_model, observe, prepare
+from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic
 
-__all__ = ["AccuracySettings", "render", "run_accuracy_bench"]
+__all__ = ["AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
+
+
+@dataclass
+class QuantizedTask:
+    """A task's converted graphs (one per part, ready for ``task.evaluate``) and what
+    quantizing them took."""
+
+    forwards: dict[str, Any]
+    float_bytes: int  # the quantized parts' weights in float32
+    quant_bytes: int  # the same weights quantized
+    esc: list[dict[str, Any]]  # one search summary per part (ESC only)
+    seconds: float
+
+
+def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
+                  exported: dict[str, GraphModule]) -> QuantizedTask:
+    """Quantizes the task's parts in order, each calibrated on what the quantized parts
+    before it produce. ``search``: ESC's settings (``config.method == "esc"``; each part's
+    ``local_batches`` replaces the one given). ``exported``: each part's float graph,
+    exported on first use and copied for every call (prepare rewrites the graph it is
+    given; export takes seconds to a minute)."""
+    t0 = time.perf_counter()
+    converted: dict[str, Any] = {}
+    float_bytes = quant_bytes = 0
+    esc: list[dict[str, Any]] = []
+    for part in task.parts:
+        batches = part.calibration(converted)
+        if part.name not in exported:
+            exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
+        prepared = prepare(copy.deepcopy(exported[part.name]), EscQuantizer(config, target="reference"))
+        observe(prepared, batches)
+        if config.method == "esc":
+            esc.append(_search_part(prepared, batches, part, converted,
+                                    dataclasses.replace(search or SearchConfig(), local_batches=part.local_batches)))
+        sizes = weight_bytes(prepared, config.weight_bits)
+        float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]
+        converted[part.name] = for_evaluation(convert(prepared))  # same numbers, 2x faster
+    return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0)
+
+
+def _search_part(prepared: GraphModule, batches: list[Batch], part: Part, converted: dict[str, Any],
+                 search: SearchConfig) -> dict[str, Any]:
+    """ESC on one part: searched on ``part.search``'s batches, checked on ``part.holdout``'s."""
+    held = list(part.holdout)
+    result = calibrate(prepared, [batches[i] for i in part.search], part.objective(converted, part.search), search,
+                       holdout=[batches[i] for i in held] if held else None,
+                       holdout_objective=part.objective(converted, held) if held else None)
+    return {"part": part.name, "objective_start": result.initial_objective,
+            "objective_final": result.final_objective, "holdout_start": result.holdout_start,
+            "holdout_final": result.holdout_final, "improved": result.improved, "evaluations": result.evaluations,
+            "scales": len(result.labels), "search_batches": len(part.search), "holdout_batches": len(held),
+            "local_batches": search.local_batches, "seconds": round(result.wall_seconds, 1),
+            "message": result.message}
+
 
 def _float_cell(task: Task) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -52,42 +108,19 @@ def _float_cell(task: Task) -> dict[str, Any]:
 
 def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
                 exported: dict[str, GraphModule]) -> dict[str, Any]:
-    """Quantizes the task's parts in order (each calibrated on what the quantized parts
-    before it produce), then evaluates the converted graphs on the test split.
-    ``exported``: each part's float graph, exported on first use and copied for every
-    cell (prepare rewrites the graph it is given; export takes seconds to a minute)."""
+    """One quantized cell: quantize_task, then the test metric of its converted graphs."""
     config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=method)
-    t0 = time.perf_counter()
-    converted: dict[str, Any] = {}
-    float_bytes = quant_bytes = 0
-    esc: list[dict[str, Any]] = []
-    for part in task.parts:
-        batches = part.calibration(converted)
-        if part.name not in exported:
-            exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
-        prepared = prepare(copy.deepcopy(exported[part.name]), EscQuantizer(config, target="reference"))
-        observe(prepared, batches)
-        if method == "esc":
-            search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
-                                  seed=settings.seed, progress=False, local_batches=part.local_batches)
-            result = calibrate(prepared, batches[: part.search_batches], part.objective(converted), search)
-            esc.append({"part": part.name, "objective_start": result.initial_objective,
-                        "objective_final": result.final_objective, "evaluations": result.evaluations,
-                        "scales": len(result.labels), "search_batches": len(batches[: part.search_batches]),
-                        "local_batches": part.local_batches,
-                        "seconds": round(result.wall_seconds, 1), "message": result.message})
-        sizes = weight_bytes(prepared, config.weight_bits)
-        float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]
-        converted[part.name] = for_evaluation(convert(prepared))  # same numbers, 2x faster
-    calib_s = time.perf_counter() - t0
+    search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
+                          seed=settings.seed, progress=False)
+    q = quantize_task(task, config, search, exported)
     t1 = time.perf_counter()
     with torch.no_grad():
-        est = task.evaluate(converted)
+        est = task.evaluate(q.forwards)
     row = {"method": method, "bits": bits, "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
-           "n": est.n, "size_bytes": 4 * task.n_params - float_bytes + quant_bytes,
-           "calibration_seconds": round(calib_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
-    if esc:
-        row["esc"] = esc
+           "n": est.n, "size_bytes": 4 * task.n_params - q.float_bytes + q.quant_bytes,
+           "calibration_seconds": round(q.seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
+    if q.esc:
+        row["esc"] = q.esc
         row["esc_search"] = {"budget": settings.budget, "popsize": settings.popsize, "sigma0": settings.sigma0}
     return row
 
@@ -102,10 +135,11 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
             raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}: use one of {', '.join(valid)}")
     for model in models:
         load_corpus(MODEL_CORPUS[model])  # verified (rebuilt if stale) before its digest keys the cells
-        version = cellkeys.code_version(model)
+        versions = {kind: cellkeys.code_version(model, kind) for kind in ("max", "esc")}
         task: Task | None = None
         exported: dict[str, GraphModule] = {}
         for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
+            version = versions["esc" if method == "esc" else "max"]
             path = cellkeys.cell_path(cells, model, method, b, settings, version)
             if path.exists():
                 continue

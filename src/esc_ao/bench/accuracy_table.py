@@ -30,33 +30,39 @@ def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str,
     return rows
 
 
-def _versions() -> dict[str, str]:
-    """Each model's current code version; models whose corpus is not built are left out
-    (their cells cannot be matched: a warning says so)."""
+def _versions() -> dict[str, dict[str, str]]:
+    """Each model's current code versions ({"baselines": float and baseline cells', "esc":
+    ESC cells'}); models whose corpus is not built are left out (their cells cannot be
+    matched: a warning says so)."""
     versions = {}
     for model in MODELS:
         try:
-            versions[model] = cellkeys.code_version(model)
+            versions[model] = {"baselines": cellkeys.code_version(model, "max"),
+                               "esc": cellkeys.code_version(model, "esc")}
         except FileNotFoundError as exc:
             log.warning("%s: its cells are left out of the table", exc)
     return versions
+
+
+def _version(versions: dict[str, str], method: str) -> str:
+    return versions["esc" if method == "esc" else "baselines"]
 
 
 def stale_cells(cells: Path) -> list[Path]:
     """Cell files of a code version that is no longer current (any settings). A model whose
     corpus is not built has no current version: its cells are kept, never judged stale."""
     versions = _versions()
-    return sorted(path for model, version in versions.items() for path in (cells / model).glob("*.json")
-                  if not path.stem.endswith(f"-{version}"))
+    return sorted(path for model, current in versions.items() for path in (cells / model).glob("*.json")
+                  if not path.stem.endswith(tuple(f"-{v}" for v in current.values())))
 
 
-def _collect(cells: Path, settings: AccuracySettings, versions: dict[str, str]) -> list[dict[str, Any]]:
-    """Every cell present for these settings and each model's current code version, in
+def _collect(cells: Path, settings: AccuracySettings, versions: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Every cell present for these settings and each model's current code versions, in
     table order (float first, then bits x methods)."""
     rows = []
-    for model, version in versions.items():
+    for model, current in versions.items():
         for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
-            path = cellkeys.cell_path(cells, model, method, bits, settings, version)
+            path = cellkeys.cell_path(cells, model, method, bits, settings, _version(current, method))
             if path.exists():
                 rows.append(json.loads(path.read_text()))
     return rows
@@ -68,7 +74,7 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings,
-                   versions: dict[str, str]) -> None:
+                   versions: dict[str, dict[str, str]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_versions": versions, "rows": rows})
     machines = sorted({r.get("machine", "?") for r in rows})
@@ -76,7 +82,8 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
              f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, method, bits, seed, "
              f"code version). Machine: {'; '.join(machines)}.", "",
-             f"Code versions {', '.join(f'{m} {v}' for m, v in versions.items())}; "
+             "Code versions (baselines / ESC): "
+             f"{', '.join(m + ' ' + v['baselines'] + ' / ' + v['esc'] for m, v in versions.items())}; "
              f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "

@@ -2,18 +2,22 @@
 
 A cell is one (model, method, bits) result, stored as one JSON file and keyed by the
 calibration count, the seed, for ESC its search settings, and a code version: a hash of
-the sources that decide the numbers (quantizer, observers, calibration, features, the
-benchmark's computation), of the model's own task code and trained weights, and of the
-content of its corpus's calibration and test splits (texts, labels, audio hashes; not the
-builder's code, so a change in how corpora are built keeps the cells while any change of
-audio recomputes them). Changing shared code recomputes every cell, retraining one model
-only that model's cells; the table's layout (accuracy_table.py) is not part of the key.
+the sources that decide the numbers (quantizer, observers, features, the benchmark's
+computation; for ESC cells also the search: calibrate, local step, search space), the
+versions of the numeric packages (torch, torchao, numpy; cma for ESC), the model's own
+task code and trained weights, and the content of its corpus's calibration and test
+splits (texts, labels, audio hashes; not the builder's code, so a change in how corpora
+are built keeps the cells while any change of audio recomputes them). Changing shared code
+recomputes every cell, changing the search only the ESC cells, retraining one model only
+that model's cells; the key's own code (this module) and the table's layout
+(accuracy_table.py) are not part of it: the settings it reads are in the cell's name.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from esc_ao.corpus import built_digest
@@ -23,11 +27,15 @@ __all__ = ["BITS", "MODELS", "MODEL_CORPUS", "AccuracySettings", "cell_path", "c
 MODELS = ("whisper-tiny.en", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
 MODEL_CORPUS = {"whisper-tiny.en": "asr", "conformer-ctc": "asr", "ast": "kws"}
-# Sources that decide every cell's numbers (relative to the esc_ao package), and those
-# that decide one model's: its task code and its trained weights.
-_NUMERIC_SOURCES = ("annotators.py", "calibrate.py", "config.py", "graph_prep.py", "histogram.py", "local_step.py",
-                    "metrics.py", "objectives.py", "observers.py", "pipeline.py", "quantizer.py", "search_space.py",
-                    "speech/features.py", "bench/cells.py", "bench/accuracy.py", "bench/tasks.py", "eval_graph.py")
+# Sources that decide every cell's numbers (relative to the esc_ao package), those that
+# decide only ESC cells' (the search), and those that decide one model's: its task code and
+# its trained weights.
+_NUMERIC_SOURCES = ("annotators.py", "config.py", "graph_prep.py", "histogram.py", "metrics.py", "objectives.py",
+                    "observers.py", "pipeline.py", "quantizer.py", "speech/features.py", "bench/accuracy.py",
+                    "bench/tasks.py", "eval_graph.py")
+_SEARCH_SOURCES = ("calibrate.py", "local_step.py", "search_space.py")
+_NUMERIC_PACKAGES = ("torch", "torchao", "numpy")
+_SEARCH_PACKAGES = ("cma",)
 _MODEL_SOURCES = {
     "whisper-tiny.en": ("bench/whisper_task.py", "speech/whisper.py", "speech/ct2_whisper.py"),
     "conformer-ctc": ("bench/conformer_task.py", "speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
@@ -49,9 +57,10 @@ class AccuracySettings:
     sigma0: float = 0.1
 
 
-def code_version(model: str) -> str:
-    """Hash (12 hex digits) of the shared sources, ``model``'s own (task code, weights) and
-    its corpus's evaluation content.
+def code_version(model: str, method: str) -> str:
+    """Hash (12 hex digits) of the shared sources, for ESC the search's, ``model``'s own
+    (task code, weights), the numeric packages' versions and the model's corpus's
+    evaluation content.
 
     Raises:
         FileNotFoundError: the model's corpus is not built (the version depends on its audio).
@@ -61,8 +70,11 @@ def code_version(model: str) -> str:
         raise FileNotFoundError(f"corpus {MODEL_CORPUS[model]!r} (used by {model}) is not built: "
                                 f"run `esc-ao corpus {MODEL_CORPUS[model]}` first")
     root = Path(__file__).resolve().parents[1]
+    esc = method == "esc"
     h = hashlib.sha256(digest.encode())
-    for rel in _NUMERIC_SOURCES + _MODEL_SOURCES[model]:
+    for name in _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if esc else ()):
+        h.update(f"{name}=={package_version(name)}".encode())
+    for rel in _NUMERIC_SOURCES + (_SEARCH_SOURCES if esc else ()) + _MODEL_SOURCES[model]:
         path = root / rel
         files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
             else [path] if path.exists() else []

@@ -10,14 +10,16 @@ Calibration batches are a seeded sample of the corpus's calibration split (never
 on; 100 utterances by default, the paper's count). ESC's objective is the task's own
 training loss against the reference labels of those utterances (CTC for ASR,
 cross-entropy for classification): the paper's "task error against reference targets",
-in a form smooth enough for CMA-ES to rank candidates.
+in a form smooth enough for CMA-ES to rank candidates. Every fifth calibration batch is
+held out of the search (``holdout_split``): CMA-ES's result is kept only if it beats its
+start on those too (esc_ao.calibrate's held-out check); the observers see all batches.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -27,25 +29,37 @@ from esc_ao.metrics import Estimate
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch
 
-__all__ = ["Part", "Task", "build_task", "calibration_sample", "single_part", "training_brief"]
+__all__ = ["HOLDOUT_EVERY", "Part", "Task", "build_task", "calibration_sample", "holdout_split", "single_part",
+           "training_brief"]
 
 Forward = Callable[..., Any]
+HOLDOUT_EVERY = 5  # every fifth calibration batch is held out of ESC's search
+
+
+def holdout_split(n: int, every: int = HOLDOUT_EVERY) -> tuple[list[int], list[int]]:
+    """Indices of ``n`` calibration batches -> (searched, held out): every ``every``-th is
+    held out, so both halves spread over the (sorted, hence voice- or class-ordered) sample.
+    Fewer than ``every`` batches: all searched, none held out."""
+    held = list(range(every - 1, n, every))
+    return [i for i in range(n) if i not in set(held)], held
 
 
 @dataclass
 class Part:
     """One exported graph of a task. ``calibration`` and ``objective`` receive the
     converted (quantized) graphs of the parts before this one, so a later part is
-    calibrated on what the quantized earlier parts feed it. ``search_batches``: ESC's
-    objective uses only the first N calibration batches (None: all); the observers always
-    see all of them. ``local_batches``: how many of those ESC's local step fits on."""
+    calibrated on what the quantized earlier parts feed it; ``objective`` also receives the
+    indices of the calibration batches it scores. ``search``/``holdout``: the batches
+    ESC's search scores and those its held-out check scores (the observers see all
+    batches). ``local_batches``: how many of the searched ones ESC's local step fits on."""
 
     name: str
     model: nn.Module
     calibration: Callable[[dict[str, Forward]], list[Batch]]
-    objective: Callable[[dict[str, Forward]], Objective]
+    objective: Callable[[dict[str, Forward], Sequence[int]], Objective]
+    search: Sequence[int]
+    holdout: Sequence[int] = ()
     dynamic_shapes: Any = None
-    search_batches: int | None = None
     local_batches: int = 1
 
 
@@ -65,11 +79,16 @@ class Task:
         return {p.name: p.model for p in self.parts}
 
 
-def single_part(name: str, metric: str, model: nn.Module, batches: list[Batch], objective: Objective,
-                evaluate: Callable[[Forward], Estimate], notes: dict[str, Any], dynamic_shapes: Any = None) -> Task:
-    part = Part("model", model, lambda _: batches, lambda _: objective, dynamic_shapes)
+def single_part(name: str, metric: str, model: nn.Module, batches: list[Batch],
+                objective: Callable[[Sequence[int]], Objective], evaluate: Callable[[Forward], Estimate],
+                notes: dict[str, Any], dynamic_shapes: Any = None, local_batches: int = 1) -> Task:
+    """A one-graph task; ``objective(indices)`` scores the calibration batches at ``indices``
+    and the batches are split by ``holdout_split``."""
+    search, holdout = holdout_split(len(batches))
+    part = Part("model", model, lambda _: batches, lambda _, idx: objective(idx), search, holdout, dynamic_shapes,
+                local_batches)
     return Task(name, metric, [part], lambda f: evaluate(f["model"]), sum(p.numel() for p in model.parameters()),
-                notes)
+                {**notes, "search_batches": len(search), "holdout_batches": len(holdout)})
 
 
 def calibration_sample(utts: list[Utterance], n: int, seed: int) -> list[Utterance]:

@@ -17,8 +17,9 @@ of the calibration utterances (their corpus texts are lower-case and unpunctuate
 Whisper never outputs, so the float model's transcripts are the better target). The audio
 part is scored through the float text part; the text part with the quantized audio part's
 keys and values. A search evaluation runs the encoder on every utterance it scores (about
-1-3 s each on 2 cores), so ESC's objective uses the first ``SEARCH_UTTERANCES`` of the
-calibration utterances; observers see all of them.
+1-3 s each on 2 cores), so ESC's objective scores ``SEARCH_UTTERANCES`` of the calibration
+utterances and its held-out check (esc_ao.bench.tasks.holdout_split) ``HOLDOUT_UTTERANCES``
+others; observers see all of them.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample
+from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample, holdout_split
 from esc_ao.corpus import load_corpus
 from esc_ao.metrics import wer
 from esc_ao.objectives import first_tensor
 from esc_ao.pipeline import Batch
 
-__all__ = ["SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit"]
+__all__ = ["HOLDOUT_UTTERANCES", "SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit"]
 
 SEARCH_UTTERANCES = 8
+HOLDOUT_UTTERANCES = 8
 MAX_TOKENS = 96  # the graphs' longest prefix
 # A transcript is cut at 16 + 8 tokens per second of audio. The corpus's texts need at most
 # 5.5 tokens per second (measured over all 3 700 clips; the longest is 12 tokens), so only a
@@ -154,7 +156,11 @@ def task(n_calibration: int, seed: int) -> Task:
         transcripts = [greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]))[0]
                        for u, m in zip(calib, mels)]
     tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
-    n_search = min(SEARCH_UTTERANCES, len(mels))
+    searched, held = holdout_split(len(mels))
+    searched, held = searched[:SEARCH_UTTERANCES], held[:HOLDOUT_UTTERANCES]
+
+    def scored(idx: Sequence[int]) -> TeacherForcedCE:
+        return TeacherForcedCE([tf_targets[i] for i in idx])
 
     def text_batches(converted: dict[str, Forward]) -> list[Batch]:
         with torch.no_grad():
@@ -163,11 +169,9 @@ def task(n_calibration: int, seed: int) -> Task:
 
     parts = [
         Part("audio", audio, lambda _: [(m,) for m in mels],
-             lambda _: ThroughText(text, tf_inputs[:n_search], TeacherForcedCE(tf_targets[:n_search])),
-             search_batches=n_search),
-        Part("text", text, text_batches, lambda _: TeacherForcedCE(tf_targets[:n_search]),
-             dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=MAX_TOKENS + 8)}, None, None),
-             search_batches=n_search),
+             lambda _, idx: ThroughText(text, [tf_inputs[i] for i in idx], scored(idx)), searched, held),
+        Part("text", text, text_batches, lambda _, idx: scored(idx), searched, held,
+             dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=MAX_TOKENS + 8)}, None, None)),
     ]
     test = corpus.utterances("test")
 
@@ -180,5 +184,5 @@ def task(n_calibration: int, seed: int) -> Task:
         return wer([u.text for u in test], hyps, seed=seed)
 
     return Task("whisper-tiny.en", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
-                {"test_utterances": len(test), "search_utterances": n_search,
+                {"test_utterances": len(test), "search_utterances": len(searched), "holdout_utterances": len(held),
                  "decoding": f"greedy, at most {_TOKENS_FIXED} + {_TOKENS_PER_SECOND:g} tokens per second of audio"})
