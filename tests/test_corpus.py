@@ -170,3 +170,31 @@ def test_text_generators_are_deterministic_and_clean() -> None:
             t = make(rng)
             assert t == t.lower() and "  " not in t and all(c.isalpha() or c == " " for c in t)
     assert len(texts.KEYWORDS) == 35 and not set(texts.KEYWORDS) & set(texts.UNKNOWN_WORDS)
+
+
+def test_benchmark_corpora_reproduce_bit_exactly() -> None:
+    """The committed accuracy cells were computed on one build of the benchmark corpora;
+    a sample of its clips (every voice of the calibration and test splits, written by
+    scripts/sample_corpus_hashes.py) re-rendered here must give the same bytes, or the
+    table's rows would not reproduce on this machine."""
+    from esc_ao.corpus import CORPORA, render_items
+    from esc_ao.corpus.voices import engine_version
+
+    sample = json.loads((Path(__file__).parent / "data" / "benchmark_corpus_sample.json").read_text())
+    assert set(sample) == set(CORPORA)
+    for name, recorded in sample.items():
+        spec = CORPORA[name]
+        assert spec.fingerprint() == recorded["fingerprint"], (
+            f"{name}: spec, generator code or engine versions changed "
+            f"(engines here: { {e: engine_version(e) for e in recorded['engines']} }, recorded: {recorded['engines']})")
+        assert len(recorded["items"]) >= 20
+        got = render_items(spec, list(recorded["items"]))
+        differ = sorted(i for i, sha in recorded["items"].items() if got[i] != sha)
+        assert not differ, f"{name}: {len(differ)} of {len(got)} clips render differently here: {differ[:8]}"
+
+
+def test_render_items_rejects_an_unknown_id() -> None:
+    from esc_ao.corpus import render_items
+
+    with pytest.raises(ValueError, match="test-99999"):
+        render_items(_asr_spec(), ["test-99999"])

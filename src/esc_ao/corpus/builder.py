@@ -22,6 +22,7 @@ complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -32,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from esc_ao.corpus import augment, texts
 from esc_ao.corpus.voices import SAMPLE_RATE, Voice, check_engine, engine_version
 
 __all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "built_digest",
-           "cache_root", "load_corpus"]
+           "cache_root", "load_corpus", "render_items"]
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,9 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
         for entry, pcm in tqdm(results, total=len(jobs), desc=f"corpus {spec.name}", mininterval=5):
             entry["file"] = f"{entry['split']}/{entry['id']}.wav"
             entry["engine_version"] = engine_version(entry["engine"]) if entry["engine"] != "none" else None
-            _write_wav(tmp / entry["file"], pcm)
-            entry["sha256"] = hashlib.sha256((tmp / entry["file"]).read_bytes()).hexdigest()
+            wav = _wav_bytes(pcm)
+            (tmp / entry["file"]).write_bytes(wav)
+            entry["sha256"] = hashlib.sha256(wav).hexdigest()
             items.append(entry)
     manifest = {
         "format": FORMAT, "corpus": spec.name, "kind": spec.kind, "fingerprint": fingerprint, "seed": spec.seed,
@@ -330,9 +332,24 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
     return manifest
 
 
-def _write_wav(path: Path, pcm: bytes) -> None:
-    with wave.open(str(path), "wb") as w:
+def render_items(spec: CorpusSpec, ids: Iterable[str]) -> dict[str, str]:
+    """The SHA-256 each planned item ``ids`` of ``spec`` would have in a full build's
+    manifest, rendering only those items: a few clips of a large corpus checked against
+    committed hashes tell whether this machine's engines and libraries still produce the
+    benchmark's audio bit for bit, without the 35-minute build."""
+    jobs = {job["id"]: job for job in _plan(spec)}
+    unknown = sorted(set(ids) - set(jobs))
+    if unknown:
+        raise ValueError(f"items {unknown[:5]} are not in corpus {spec.name!r}'s plan "
+                         f"(ids look like 'test-00012'; the plan has {len(jobs)} items)")
+    return {i: hashlib.sha256(_wav_bytes(_render(jobs[i])[1])).hexdigest() for i in ids}
+
+
+def _wav_bytes(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
         w.writeframes(pcm)
+    return buf.getvalue()
