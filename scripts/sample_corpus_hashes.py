@@ -14,6 +14,7 @@ from pathlib import Path
 
 from esc_ao.corpus import CORPORA, cache_root
 from esc_ao.corpus.builder import content_digest
+from esc_ao.report import write_text_atomic
 
 SPLITS = ("calibration", "test")  # the splits the accuracy cells are keyed by
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "benchmark_corpus_sample.json"
@@ -33,9 +34,7 @@ def main() -> None:
         manifest = json.loads((cache_root() / "corpora" / name / "manifest.json").read_text())
         out[name] = {"fingerprint": manifest["fingerprint"], "engines": manifest["engines"],
                      "content_digest": content_digest(manifest, SPLITS), "items": sample(manifest)}
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    tmp.replace(OUT)
+    write_text_atomic(OUT, json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"{OUT}: " + ", ".join(f"{n} {len(v['items'])} clips" for n, v in out.items()))
 
 
