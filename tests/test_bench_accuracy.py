@@ -43,10 +43,10 @@ def stand_in(monkeypatch):
         calls.append((name, n, seed))
         return _task(n, seed)
 
-    monkeypatch.setattr(acc, "build_task", build)
-    # The stand-in needs no corpus: the data part of the version is a fixed digest.
-    monkeypatch.setattr(acc, "load_corpus", lambda name: None)
-    monkeypatch.setattr(cells, "built_digest", lambda name, splits: f"digest-of-{name}")
+    monkeypatch.setattr(acc, "build_task", lambda name, n, seed, eval_set: build(name, n, seed))
+    # The stand-in needs no corpus: the data part of the key is a fixed digest.
+    monkeypatch.setattr(acc, "load_eval_corpus", lambda model, eval_set: None)
+    monkeypatch.setattr(cells, "data_digest", lambda model, eval_set: f"digest-of-{model}-{eval_set}")
     return calls
 
 
@@ -54,14 +54,14 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     settings = acc.AccuracySettings(n_calibration=32, budget=2, popsize=4)
     rows = acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells",
                                   settings)
-    assert len(stand_in) == 1
+    assert len(stand_in) == 1 and {r["eval_set"] for r in rows} == {"tts"}
     assert [(r["method"], r["bits"]) for r in rows] == [("float", "fp32"), ("max", "w8a8"), ("esc", "w8a8"),
                                                         ("max", "w4a4"), ("esc", "w4a4")]
     fl = rows[0]
     assert fl["value"] == 1.0 and fl["size_bytes"] == 4 * sum(p.numel() for p in _task(32, 0).parts[0].model.parameters())
     for r in rows:
         for key in ("model", "method", "bits", "metric", "value", "size_bytes", "ci95_low", "ci95_high",
-                    "calibration_seconds", "code_version", "seed"):
+                    "calibration_seconds", "version", "key", "eval_set", "seed", "machine"):
             assert key in r, key
         assert r["ci95_low"] <= r["value"] <= r["ci95_high"]
     w8 = next(r for r in rows if r["bits"] == "w8a8" and r["method"] == "max")
@@ -70,10 +70,11 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["code_versions"]["ast"] == {"baselines": cells.code_version("ast", "max"),
-                                                                   "esc": cells.code_version("ast", "esc")}
+    assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {"baselines": cells.code_version("ast", "max"),
+                                                                  "esc": cells.code_version("ast", "esc")}
+    assert rows[0]["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1}
     md = (tmp_path / "out" / "accuracy.md").read_text()
-    assert "| w4a4 | esc |" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    assert "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     # A second run finds every cell and builds nothing; a new method fills only its cells.
     acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings)
     assert len(stand_in) == 1
@@ -81,7 +82,7 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     assert len(stand_in) == 2 and len(rows) == 6
     (tmp_path / "out" / "accuracy.md").unlink()
     assert len(acc.render(tmp_path / "out", tmp_path / "cells", settings)) == 6 and len(stand_in) == 2
-    assert "| w8a8 | mse |" in (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| w8a8 | mse | " in (tmp_path / "out" / "accuracy.md").read_text()
 
 
 def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:
@@ -90,18 +91,22 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
     acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
                            acc.AccuracySettings(n_calibration=16, seed=1))
     assert len(stand_in) == 2
-    monkeypatch.setattr(cells, "code_version", lambda model, method: "feedfacecafe")
+    new = cells.CellKey({}, {}, "w", "new data").digest
+    monkeypatch.setattr(cells, "cell_key", lambda model, method, eval_set: cells.CellKey({}, {}, "w", "new data"))
     rows = acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
-    assert len(stand_in) == 3 and {r["code_version"] for r in rows} == {"feedfacecafe"}
-    # the cells of the older version (both seeds) are stale; the new ones are not
+    assert len(stand_in) == 3 and {r["version"] for r in rows} == {new}
+    # the cells of the older key (both seeds) are stale; the new ones are not
+    monkeypatch.setattr(cells, "code_version", lambda model, method, eval_set="tts": new)
     stale = stale_cells(tmp_path / "c")
-    assert len(stale) == 4 and all("feedfacecafe" not in p.name for p in stale)
-    assert len(list((tmp_path / "c" / "ast").glob("*feedfacecafe.json"))) == 2
+    assert len(stale) == 4 and all(new not in p.name for p in stale)
+    assert len(list((tmp_path / "c" / "ast" / "tts").glob(f"*{new}.json"))) == 2
+    acc.render(tmp_path / "o", tmp_path / "c", settings)
+    assert "4 cells of older keys are not shown" in (tmp_path / "o" / "accuracy.md").read_text()
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
     settings = acc.AccuracySettings()
-    with pytest.raises(ValueError, match="unknown model 'resnet': use one of whisper-tiny.en, conformer-ctc, ast"):
+    with pytest.raises(ValueError, match="unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast"):
         acc.run_accuracy_bench(["resnet"], ["max"], ["w8a8"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="unknown method 'gptq': use one of max, percentile, entropy, mse, esc"):
         acc.run_accuracy_bench(["ast"], ["gptq"], ["w8a8"], tmp_path, tmp_path, settings)
@@ -109,35 +114,48 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
         acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
 
 
-def test_code_version_is_a_stable_hash_per_model(stand_in, monkeypatch) -> None:
+def test_key_follows_declared_versions_not_source_bytes(stand_in, monkeypatch) -> None:
+    from esc_ao.bench import numerics
+
     v = cells.code_version("ast", "max")
     assert v == cells.code_version("ast", "mse") and len(v) == 12 and int(v, 16) >= 0
-    assert len({cells.code_version(m, "max") for m in cells.MODELS}) == 3
-    assert cells.code_version("ast", "esc") != v  # ESC cells are keyed by the search's code too
-    monkeypatch.setattr(cells, "built_digest", lambda name, splits: f"other-audio-{name}")
-    assert cells.code_version("ast", "max") != v  # new audio in the corpus: new cells
+    assert cells.code_version("conformer-ctc", "max") != v
+    assert cells.code_version("ast", "esc") != v  # ESC cells are keyed by the search's version too
+    # no source file is read: a comment-only edit of any module cannot move a key
+    real_read = Path.read_bytes
 
+    def no_sources(self: Path) -> bytes:
+        assert self.suffix != ".py", f"the cell key read {self}"
+        return real_read(self)
 
-def test_search_code_keys_only_the_esc_cells(stand_in, monkeypatch) -> None:
-    before = {m: cells.code_version("ast", m) for m in ("max", "esc")}
-    monkeypatch.setattr(cells, "_SEARCH_SOURCES", cells._SEARCH_SOURCES[:-1])  # as if the search code changed
-    assert cells.code_version("ast", "max") == before["max"]
-    assert cells.code_version("ast", "esc") != before["esc"]
+    monkeypatch.setattr(Path, "read_bytes", no_sources)
+    assert cells.code_version("ast", "max") == v
+    esc = cells.code_version("ast", "esc")
+    monkeypatch.setitem(numerics.NUMERICS, "search", 2)  # a declared change of the search: ESC cells only
+    assert cells.code_version("ast", "max") == v and cells.code_version("ast", "esc") != esc
+    monkeypatch.setitem(numerics.NUMERICS, "whisper", 2)  # another model's task: not this model's cells
+    assert cells.code_version("ast", "max") == v
+    monkeypatch.setitem(numerics.NUMERICS, "quantization", 2)  # shared numerics: every cell
+    assert cells.code_version("ast", "max") != v
+    monkeypatch.setitem(numerics.NUMERICS, "quantization", 1)
     monkeypatch.setattr(cells, "_NUMERIC_PACKAGES", ("torch", "numpy"))  # as if a package changed: every cell
-    assert cells.code_version("ast", "max") != before["max"]
+    assert cells.code_version("ast", "max") != v
+    monkeypatch.undo()
+    monkeypatch.setattr(cells, "data_digest", lambda model, eval_set: "another corpus plan")
+    assert cells.code_version("ast", "max") != v
 
 
-def test_code_version_needs_the_built_corpus(monkeypatch) -> None:
-    monkeypatch.setattr(cells, "built_digest", lambda name, splits: None)
-    with pytest.raises(FileNotFoundError, match="corpus 'kws' .* run `esc-ao corpus kws`"):
-        cells.code_version("ast", "max")
+def test_cell_keys_are_per_evaluation_set(stand_in) -> None:
+    assert cells.code_version("conformer-ctc", "max", "real") != cells.code_version("conformer-ctc", "max", "tts")
+    with pytest.raises(ValueError, match="evaluation set 'real' of model 'ast': use one of tts"):
+        cells.cell_key("ast", "max", "real")
 
 
 def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
     from esc_ao.cli import main
 
     assert main(["bench", "accuracy", "--models", "resnet", "--cells", str(tmp_path)]) == 2
-    assert "unknown model 'resnet': use one of whisper-tiny.en, conformer-ctc, ast" in capsys.readouterr().err
+    assert "unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast" in capsys.readouterr().err
     assert main(["corpus", "librispeech"]) == 2
     assert "use one of asr, kws" in capsys.readouterr().err
 
@@ -145,8 +163,8 @@ def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
 def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:
     base = cells.AccuracySettings()
     bigger = cells.AccuracySettings(budget=base.budget * 4)
-    assert cells.cell_path(tmp_path, "ast", "esc", "w4a4", base, "v") != cells.cell_path(tmp_path, "ast", "esc",
-                                                                                         "w4a4", bigger, "v")
+    assert cells.cell_path(tmp_path, "ast", "tts", "esc", "w4a4", base, "v") != cells.cell_path(
+        tmp_path, "ast", "tts", "esc", "w4a4", bigger, "v")
     # a baseline does not depend on ESC's search: its cell is shared
-    assert cells.cell_path(tmp_path, "ast", "max", "w4a4", base, "v") == cells.cell_path(tmp_path, "ast", "max",
-                                                                                         "w4a4", bigger, "v")
+    assert cells.cell_path(tmp_path, "ast", "tts", "max", "w4a4", base, "v") == cells.cell_path(
+        tmp_path, "ast", "tts", "max", "w4a4", bigger, "v")

@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--lower-only", action="store_true", help="write the .pte files, time nothing")
     ba = bsub.add_parser("accuracy", help="WER / accuracy of every calibration method and bit width on the trained "
                                          "speech models (cached per cell)")
-    ba.add_argument("--models", nargs="+", default=["conformer-ctc", "ast", "whisper-tiny.en"])
+    ba.add_argument("--models", nargs="+", default=["conformer-ctc", "ast", "whisper-tiny.en", "whisper-base"])
+    ba.add_argument("--eval-sets", nargs="+", default=None,
+                    help="real (human recordings) and/or tts (the TTS corpora); default: each model's own")
     ba.add_argument("--methods", nargs="+", default=list(METHODS))
     ba.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
     ba.add_argument("--calib-samples", type=int, default=100, help="calibration utterances (paper: 100)")
@@ -95,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="one JSON per computed cell; existing cells are reused")
     ba.add_argument("--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing")
     ba.add_argument("--prune", action="store_true",
-                    help="delete the cells of older code versions (the table never shows them), then render")
+                    help="delete the cells of older keys (the table never shows them), then render")
     c = sub.add_parser("corpus", help="build (or verify) the offline TTS corpora")
     c.add_argument("names", nargs="*", default=["asr", "kws"])
     return p
@@ -169,12 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stale = stale_cells(args.cells)
             for path in stale:
                 path.unlink()
-            print(f"{len(stale)} cells of older code versions deleted from {args.cells}")
+            print(f"{len(stale)} cells of older keys deleted from {args.cells}")
         if args.render_only or args.prune:
             print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
             return 0
         try:
-            run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings)
+            run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings, args.eval_sets)
         except (ValueError, FileNotFoundError) as exc:  # bad names or a missing checkpoint: say which
             print(f"esc-ao bench accuracy: {exc}", file=sys.stderr)
             return 2

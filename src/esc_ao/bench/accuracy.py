@@ -1,11 +1,11 @@
 """The accuracy benchmark: every calibration method at W8A8, W4A8 and W4A4 on the trained
 speech models, against their float rows.
 
-    esc-ao bench accuracy [--models conformer-ctc ast] [--methods max ... esc] [--bits w8a8 w4a8 w4a4]
+    esc-ao bench accuracy [--models ...] [--eval-sets real tts] [--methods max ... esc] [--bits w8a8 w4a8 w4a4]
 
-Each cell (model, method, bits) is one JSON file in the cell folder (default
+Each cell (model, evaluation set, method, bits) is one JSON file in the cell folder (default
 docs/results/accuracy_cells), keyed as esc_ao.bench.cells says (calibration count, seed,
-ESC's search settings, code version); a cell that exists is read, not recomputed, so a long
+ESC's search settings, declared numerics versions, packages, weights, data); a cell that exists is read, not recomputed, so a long
 table is built over several runs and an interrupted run loses at most the cell in flight.
 After every cell the outputs are rewritten (esc_ao.bench.accuracy_table).
 
@@ -31,17 +31,16 @@ from torch.fx import GraphModule
 
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.accuracy_table import render
-from esc_ao.bench.cells import BITS, MODEL_CORPUS, MODELS, AccuracySettings
-from esc_ao.bench.tasks import Part, Task, build_task
+from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
 from esc_ao.calibrate import calibrate
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
-from esc_ao.corpus import load_corpus
 from esc_ao.eval_graph import for_evaluation
 from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic
 
-__all__ = ["AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
+__all__ = ["AccuracySettings", "QuantizedTask", "machine", "quantize_task", "render", "run_accuracy_bench"]
 
 
 @dataclass
@@ -126,34 +125,57 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
 
 
 def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], out: Path, cells: Path,
-                       settings: AccuracySettings) -> list[dict[str, Any]]:
-    """Fills the missing cells of models x (float + methods x bits), then writes the
-    JSON, Markdown and plot over every cell present for the current code version."""
-    for name, given, valid in (("model", models, MODELS), ("method", methods, METHODS), ("bits", bits, BITS)):
+                       settings: AccuracySettings, eval_sets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Fills the missing cells of models x evaluation sets x (float + methods x bits),
+    then writes the JSON, Markdown and plot over every cell present for the current keys.
+    ``eval_sets``: "real" and/or "tts" (default: each model's own, esc_ao.bench.cells)."""
+    for name, given, valid in (("model", models, MODELS), ("method", methods, METHODS), ("bits", bits, BITS),
+                               ("evaluation set", eval_sets or [], EVAL_SETS)):
         bad = [g for g in given if g not in valid]
         if bad:
             raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}: use one of {', '.join(valid)}")
     for model in models:
-        load_corpus(MODEL_CORPUS[model])  # verified (rebuilt if stale) before its digest keys the cells
-        versions = {kind: cellkeys.code_version(model, kind) for kind in ("max", "esc")}
-        task: Task | None = None
-        exported: dict[str, GraphModule] = {}
-        for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
-            version = versions["esc" if method == "esc" else "max"]
-            path = cellkeys.cell_path(cells, model, method, b, settings, version)
-            if path.exists():
-                continue
-            if task is None:
-                task = build_task(model, settings.n_calibration, settings.seed)
-            row = _float_cell(task) if method == "float" else _quant_cell(task, method, b, settings, exported)
-            row.update(model=model, metric=task.metric, seed=settings.seed, code_version=version,
-                       n_calibration=settings.n_calibration, machine=_machine(), notes=task.notes)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, row)
-            print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
-            render(out, cells, settings)  # the table so far: a stopped run still leaves one
+        for eval_set in [e for e in MODEL_EVAL_SETS[model] if eval_sets is None or e in eval_sets]:
+            _fill(model, eval_set, methods, bits, out, cells, settings)
     return render(out, cells, settings)
 
 
-def _machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+def _fill(model: str, eval_set: str, methods: list[str], bits: list[str], out: Path, cells: Path,
+          settings: AccuracySettings) -> None:
+    """The missing cells of one model on one evaluation set."""
+    load_eval_corpus(model, eval_set)  # verified (rebuilt if stale) before anything is computed on it
+    keys = {kind: cellkeys.cell_key(model, kind, eval_set) for kind in ("max", "esc")}
+    task: Task | None = None
+    exported: dict[str, GraphModule] = {}
+    for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
+        key = keys["esc" if method == "esc" else "max"]
+        path = cellkeys.cell_path(cells, model, eval_set, method, b, settings, key.digest)
+        if path.exists():
+            continue
+        if task is None:
+            task = build_task(model, settings.n_calibration, settings.seed, eval_set)
+        row = _float_cell(task) if method == "float" else _quant_cell(task, method, b, settings, exported)
+        row.update(model=model, eval_set=eval_set, metric=task.metric, seed=settings.seed, version=key.digest,
+                   key=dataclasses.asdict(key), n_calibration=settings.n_calibration, machine=machine(),
+                   notes=task.notes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("notes", "key")}), flush=True)
+        render(out, cells, settings)  # the table so far: a stopped run still leaves one
+
+
+def machine() -> str:
+    """CPU model, its int8 dot-product features, threads and torch version: recorded in
+    every cell (speed depends on them; accuracy should not)."""
+    name, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == platform.machine():
+                name = f"{platform.machine()} {value.strip()}"
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    int8 = [f for f in ("avx512_vnni", "avx_vnni", "asimddp", "i8mm") if f in flags]
+    return f"{name} ({', '.join(int8) or 'no int8 dot-product'}), {torch.get_num_threads()} threads, torch {torch.__version__}"

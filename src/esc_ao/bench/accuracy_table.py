@@ -1,8 +1,8 @@
 """The accuracy benchmark's outputs, rendered from the cells present (computes nothing):
 ``accuracy.json`` (one record per cell), ``accuracy.md`` (the table with the command,
-machine and wall times) and ``accuracy.png`` (metric against bits, one line per method, one
-panel per model). Kept apart from the cell computation so that changing the layout does not
-change the code version that keys the cells."""
+machine and wall times; a column per evaluation set, real speech first) and
+``accuracy.png`` (metric against bits, one line per method, one panel per model and
+evaluation set). Kept apart from the cell computation: the layout is not part of any key."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from esc_ao.bench import cells as cellkeys
-from esc_ao.bench.cells import BITS, MODELS, AccuracySettings
+from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.numerics import NUMERICS
 from esc_ao.config import METHODS
 from esc_ao.report import write_json_atomic, write_text_atomic
 
@@ -24,23 +25,24 @@ log = logging.getLogger(__name__)
 
 def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str, Any]]:
     """Writes the JSON, Markdown and plot from the cells present (computes nothing)."""
-    versions = _versions()  # hashes every model's weights and manifest: once per render
+    versions = _versions()  # hashes the trained weights and corpus plans: once per render
     rows = _collect(cells, settings, versions)
-    _write_outputs(rows, out, settings, versions)
+    _write_outputs(rows, out, settings, versions, len(stale_cells(cells, versions)))
     return rows
 
 
-def _versions() -> dict[str, dict[str, str]]:
-    """Each model's current code versions ({"baselines": float and baseline cells', "esc":
-    ESC cells'}); models whose corpus is not built are left out (their cells cannot be
-    matched: a warning says so)."""
+def _versions() -> dict[tuple[str, str], dict[str, str]]:
+    """Each (model, evaluation set)'s current version digests ({"baselines": float and
+    baseline cells', "esc": ESC cells'}); a pair whose key cannot be computed here (a TTS
+    engine missing) is left out with a warning: its cells are neither shown nor judged."""
     versions = {}
     for model in MODELS:
-        try:
-            versions[model] = {"baselines": cellkeys.code_version(model, "max"),
-                               "esc": cellkeys.code_version(model, "esc")}
-        except FileNotFoundError as exc:
-            log.warning("%s: its cells are left out of the table", exc)
+        for eval_set in MODEL_EVAL_SETS[model]:
+            try:
+                versions[(model, eval_set)] = {"baselines": cellkeys.code_version(model, "max", eval_set),
+                                               "esc": cellkeys.code_version(model, "esc", eval_set)}
+            except (ImportError, OSError, RuntimeError) as exc:  # a missing TTS engine, weights package or module
+                log.warning("%s on %s: its cells are left out of the table (%s)", model, eval_set, exc)
     return versions
 
 
@@ -48,58 +50,83 @@ def _version(versions: dict[str, str], method: str) -> str:
     return versions["esc" if method == "esc" else "baselines"]
 
 
-def stale_cells(cells: Path) -> list[Path]:
-    """Cell files of a code version that is no longer current (any settings). A model whose
-    corpus is not built has no current version: its cells are kept, never judged stale."""
-    versions = _versions()
-    return sorted(path for model, current in versions.items() for path in (cells / model).glob("*.json")
+def stale_cells(cells: Path, versions: dict[tuple[str, str], dict[str, str]] | None = None) -> list[Path]:
+    """Cell files whose key is no longer current (older numerics versions, packages,
+    weights or data; any settings). Pairs whose key cannot be computed here are never
+    judged stale."""
+    versions = _versions() if versions is None else versions
+    return sorted(path for (model, eval_set), current in versions.items()
+                  for path in (cells / model / eval_set).glob("*.json")
                   if not path.stem.endswith(tuple(f"-{v}" for v in current.values())))
 
 
-def _collect(cells: Path, settings: AccuracySettings, versions: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
-    """Every cell present for these settings and each model's current code versions, in
-    table order (float first, then bits x methods)."""
+def _collect(cells: Path, settings: AccuracySettings,
+             versions: dict[tuple[str, str], dict[str, str]]) -> list[dict[str, Any]]:
+    """Every cell present for these settings and the current keys, in table order (per
+    model: float first, then bits x methods; evaluation sets real first)."""
     rows = []
-    for model, current in versions.items():
+    for (model, eval_set), current in versions.items():
         for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
-            path = cellkeys.cell_path(cells, model, method, bits, settings, _version(current, method))
+            path = cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method))
             if path.exists():
                 rows.append(json.loads(path.read_text()))
     return rows
 
 
-def _fmt(r: dict[str, Any]) -> str:
-    scale = 100.0
-    return f"{scale * r['value']:.2f} [{scale * r['ci95_low']:.2f}, {scale * r['ci95_high']:.2f}]"
+def _fmt(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    return f"{100 * r['value']:.2f} [{100 * r['ci95_low']:.2f}, {100 * r['ci95_high']:.2f}]"
+
+
+_SET_TITLES = {"real": "real speech", "tts": "TTS"}
+
+
+def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
+    """One model's section: a row per (bits, method), a column per evaluation set."""
+    metric = mrows[0]["metric"]
+    sets = [e for e in EVAL_SETS if any(r["eval_set"] == e for r in mrows)]
+    wall = sum(r["calibration_seconds"] + r.get("eval_seconds", 0.0) for r in mrows)
+    sizes = {e: next((r["n"] for r in mrows if r["eval_set"] == e), 0) for e in sets}
+    lines = [f"## {model} ({'WER, lower is better' if metric == 'wer' else 'accuracy, higher is better'})", "",
+             f"{len(mrows)} cells, {wall / 60:.0f} min of calibration and evaluation in all. Test sets: "
+             + "; ".join(f"{_SET_TITLES[e]} {sizes[e]} {'utterances' if metric == 'wer' else 'clips'}" for e in sets)
+             + ".", "",
+             "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
+             "|---|---|" + "---|" * len(sets) + "---|"]
+    by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
+    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
+        cols = [by.get((e, method, bits)) for e in sets]
+        if not any(cols):
+            continue
+        size = next(c for c in cols if c)["size_bytes"]
+        lines.append(f"| {bits} | {method} | " + " | ".join(_fmt(c) for c in cols) + f" | {size / 1e6:.2f} |")
+    return lines + [""]
 
 
 def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings,
-                   versions: dict[str, dict[str, str]]) -> None:
+                   versions: dict[tuple[str, str], dict[str, str]], n_stale: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "code_versions": versions, "rows": rows})
+    write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "numerics": NUMERICS,
+                                              "versions": {f"{m}/{e}": v for (m, e), v in versions.items()},
+                                              "rows": rows})
     machines = sorted({r.get("machine", "?") for r in rows})
     lines = ["# Accuracy benchmark: calibration methods x bit widths", "",
              f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
-             f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, method, bits, seed, "
-             f"code version). Machine: {'; '.join(machines)}.", "",
-             "Code versions (baselines / ESC): "
-             f"{', '.join(m + ' ' + v['baselines'] + ' / ' + v['esc'] for m, v in versions.items())}; "
-             f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
+             f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, evaluation set, "
+             f"method, bits, seed and key). Machines: {'; '.join(machines)}.", "",
+             f"Numerics versions: {', '.join(f'{k} {v}' for k, v in NUMERICS.items())}. "
+             f"{settings.n_calibration} calibration utterances (seed {settings.seed}; fewer where a set's calibration "
+             "split is smaller, as its cells record); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
-             "(WER: utterance bootstrap; accuracy: Wilson). Full integer quantization (EscQuantizer, reference target).",
-             ""]
+             "(WER: utterance bootstrap; accuracy: Wilson). Full integer quantization (EscQuantizer, reference target). "
+             "Real speech: human recordings, calibrated on the real set's calibration split; TTS: the offline TTS "
+             "corpora (docs/benchmark.md)."
+             + (f" {n_stale} cells of older keys are not shown (`esc-ao bench accuracy --prune` deletes them)."
+                if n_stale else ""), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        mrows = [r for r in rows if r["model"] == model]
-        metric = mrows[0]["metric"]
-        wall = sum(r["calibration_seconds"] + r.get("eval_seconds", 0.0) for r in mrows)
-        lines += [f"## {model} ({'WER, lower is better' if metric == 'wer' else 'accuracy, higher is better'})", "",
-                  f"{len(mrows)} cells, {wall / 60:.0f} min of calibration and evaluation in all.", "",
-                  "| bits | method | " + metric + " % | size MB | calibration s | eval s |", "|---|---|---|---|---|---|"]
-        for r in mrows:
-            lines.append(f"| {r['bits']} | {r['method']} | {_fmt(r)} | {r['size_bytes'] / 1e6:.2f} | "
-                         f"{r['calibration_seconds']:.0f} | {r.get('eval_seconds', 0):.0f} |")
-        lines.append("")
+        lines += _model_table(model, [r for r in rows if r["model"] == model])
     write_text_atomic(out / "accuracy.md", "\n".join(lines))
     _plot(rows, out / "accuracy.png")
 
@@ -112,13 +139,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     from esc_ao.atomic import atomic_path
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = list(dict.fromkeys((r["model"], r["eval_set"]) for r in rows))
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    ncols = min(4, len(models))
+    nrows = -(-len(models) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
     xs = list(BITS)
-    for ax, model in zip(axes[0], models):
-        mrows = [r for r in rows if r["model"] == model]
+    for ax, (model, eval_set) in zip(axes.flat, models):
+        mrows = [r for r in rows if r["model"] == model and r["eval_set"] == eval_set]
         for method in METHODS:
             pts = [(xs.index(r["bits"]), 100 * r["value"]) for r in mrows if r["method"] == method]
             if pts:
@@ -127,7 +158,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         if fl:
             ax.axhline(100 * fl[0]["value"], color="k", ls="--", lw=1, label="float")
         ax.set_xticks(range(len(xs)), xs)
-        ax.set_title(model)
+        ax.set_title(f"{model}, {_SET_TITLES[eval_set]}")
         ax.set_ylabel(f"{mrows[0]['metric']} %")
         if mrows[0]["metric"] == "wer":
             ax.set_yscale("log")

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from esc_ao.bench.tasks import Forward, Task, calibration_sample, single_part, training_brief
-from esc_ao.corpus import load_corpus
+from esc_ao.bench.tasks import Forward, Task, calibration_sample, load_eval_corpus, single_part, training_brief
 from esc_ao.metrics import Estimate, accuracy
 from esc_ao.objectives import CrossEntropy
 
 __all__ = ["task"]
 
 
-def task(n_calibration: int, seed: int, batch: int = 20) -> Task:
+def task(n_calibration: int, seed: int, batch: int = 20, eval_set: str = "tts") -> Task:
     from esc_ao.speech.pretrained import load_trained
 
     tm = load_trained("ast")
-    corpus = load_corpus("kws")
+    corpus = load_eval_corpus("ast", eval_set)
     calib = calibration_sample(corpus.utterances("calibration"), n_calibration, seed)
     feats = torch.cat([tm.features(u.audio()) for u in calib])
     ys = torch.tensor([tm.labels.index(u.label) for u in calib])

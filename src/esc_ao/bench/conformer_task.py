@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from esc_ao.bench.tasks import Forward, Task, calibration_sample, single_part, training_brief
-from esc_ao.corpus import load_corpus
+from esc_ao.bench.tasks import Forward, Task, calibration_sample, load_eval_corpus, single_part, training_brief
 from esc_ao.metrics import Estimate, wer
 from esc_ao.objectives import CTCLoss
 
@@ -25,12 +24,12 @@ __all__ = ["LOCAL_UTTERANCES", "task"]
 LOCAL_UTTERANCES = 16
 
 
-def task(n_calibration: int, seed: int) -> Task:
+def task(n_calibration: int, seed: int, eval_set: str = "tts") -> Task:
     from esc_ao.speech.features import ctc_decode, ctc_encode
     from esc_ao.speech.pretrained import load_trained
 
     tm = load_trained("conformer-ctc")
-    corpus = load_corpus("asr")
+    corpus = load_eval_corpus("conformer-ctc", eval_set)
     calib = calibration_sample(corpus.utterances("calibration"), n_calibration, seed)
     # one utterance per batch: their lengths differ and the graph has no padding mask
     batches = [(tm.features(u.audio()),) for u in calib]

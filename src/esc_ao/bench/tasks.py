@@ -4,7 +4,8 @@ model, so that the cells of one model are keyed by its own task code:
 
 - ``conformer-ctc``: esc_ao.bench.conformer_task (WER, greedy CTC, ``asr`` corpus);
 - ``ast``: esc_ao.bench.ast_task (accuracy over 37 classes, ``kws`` corpus);
-- ``whisper-tiny.en``: esc_ao.bench.whisper_task (WER, greedy decoding, ``asr`` corpus).
+- ``whisper-tiny.en``, ``whisper-base``: esc_ao.bench.whisper_task (WER, greedy decoding,
+  ``asr`` corpus).
 
 Calibration batches are a seeded sample of the corpus's calibration split (never trained
 on; 100 utterances by default, the paper's count). ESC's objective is the task's own
@@ -24,13 +25,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch import nn
 
-from esc_ao.corpus import Utterance
+from esc_ao.bench.cells import MODEL_CORPUS
+from esc_ao.corpus import Corpus, Utterance, load_corpus
 from esc_ao.metrics import Estimate
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch
 
-__all__ = ["HOLDOUT_EVERY", "Part", "Task", "build_task", "calibration_sample", "holdout_split", "single_part",
-           "training_brief"]
+__all__ = ["HOLDOUT_EVERY", "Part", "Task", "build_task", "calibration_sample", "holdout_split", "load_eval_corpus",
+           "single_part", "training_brief"]
 
 Forward = Callable[..., Any]
 HOLDOUT_EVERY = 5  # every fifth calibration batch is held out of ESC's search
@@ -104,14 +106,32 @@ def training_brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "history"}
 
 
-# model name -> the module whose ``task(n_calibration, seed)`` builds it (imported on use:
-# each pulls in its model's code)
-_TASK_MODULES = {"whisper-tiny.en": "esc_ao.bench.whisper_task", "conformer-ctc": "esc_ao.bench.conformer_task",
-                 "ast": "esc_ao.bench.ast_task"}
+# model name -> (the module whose ``task(n_calibration, seed, eval_set, **kwargs)`` builds
+# it, kwargs); imported on use: each pulls in its model's code
+_TASK_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
+    "whisper-tiny.en": ("esc_ao.bench.whisper_task", {"model_name": "tiny.en"}),
+    "whisper-base": ("esc_ao.bench.whisper_task", {"model_name": "base"}),
+    "conformer-ctc": ("esc_ao.bench.conformer_task", {}),
+    "ast": ("esc_ao.bench.ast_task", {}),
+}
 
 
-def build_task(name: str, n_calibration: int = 100, seed: int = 0) -> Task:
-    """The task ``name``: 'whisper-tiny.en', 'conformer-ctc' or 'ast'."""
+def load_eval_corpus(model: str, eval_set: str) -> Corpus:
+    """The corpus ``model`` is calibrated and tested on for ``eval_set``: "real" (human
+    recordings, esc_ao.corpus.real) or "tts" (the model's TTS corpus), built or verified."""
+    if eval_set == "real":
+        from esc_ao.corpus.real import load_real_corpus
+
+        return load_real_corpus()
+    if eval_set == "tts":
+        return load_corpus(MODEL_CORPUS[model])
+    raise ValueError(f"evaluation set {eval_set!r}: use 'real' or 'tts'")
+
+
+def build_task(name: str, n_calibration: int = 100, seed: int = 0, eval_set: str = "tts") -> Task:
+    """The task ``name`` ('whisper-tiny.en', 'whisper-base', 'conformer-ctc' or 'ast'),
+    calibrated and tested on ``eval_set``."""
     if name not in _TASK_MODULES:
         raise ValueError(f"model {name!r} is unknown: use one of {', '.join(_TASK_MODULES)}")
-    return importlib.import_module(_TASK_MODULES[name]).task(n_calibration, seed)
+    module, kwargs = _TASK_MODULES[name]
+    return importlib.import_module(module).task(n_calibration, seed, eval_set=eval_set, **kwargs)

@@ -41,12 +41,18 @@ import torch
 from esc_ao.corpus import augment, texts
 from esc_ao.corpus.voices import SAMPLE_RATE, Voice, check_engine, engine_version
 
-__all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "built_digest",
-           "cache_root", "load_corpus", "render_items"]
+__all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "cache_root",
+           "load_corpus", "plan_digest", "render_items"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+# Bumped when a change of the generator (texts, augmentation, engines' use, resampling)
+# moves the rendered audio beyond float noise: it keys the benchmark's results (plan_digest).
+AUDIO_VERSION = 1
+# A re-render of a committed clip on any CPU must stay this close to it (measured: thread
+# count or ONNX graph optimisation changes Piper's clips by at most 1 LSB, 88-101 dB).
+REPRODUCTION_SNR_DB = 60.0
 SPLITS = ("train", "calibration", "test")
 
 TRAIN_VOICES: tuple[Voice, ...] = (
@@ -168,24 +174,23 @@ def load_corpus(name: str | CorpusSpec, root: Path | None = None, workers: int |
     return Corpus(spec, folder, manifest)
 
 
-def content_digest(manifest: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
-    """Hash (16 hex digits) of what ``splits`` hold: every clip's id, text, label and audio
-    SHA-256. Unlike the fingerprint it ignores how the corpus was built (workers, caching),
-    so results keyed by it survive infrastructure changes and follow any change of audio."""
-    h = hashlib.sha256()
-    for item in sorted((i for i in manifest["items"] if i["split"] in splits), key=lambda i: i["id"]):
-        h.update(json.dumps([item["id"], item["split"], item["text"], item["label"], item["sha256"]]).encode())
+def plan_digest(spec: CorpusSpec, splits: tuple[str, ...] = SPLITS) -> str:
+    """Hash (16 hex digits) of what ``splits`` of ``spec`` are meant to hold: every planned
+    clip's id, text, label, voice and seed, the engines' versions and ``AUDIO_VERSION``.
+
+    It keys benchmark results, so it leaves out the rendered bytes on purpose: the same
+    plan renders to audio that differs by a least significant bit or so between CPUs
+    (Piper's ONNX kernels differ with AVX-512), and such noise must not invalidate hours of
+    results. A change of rendering that moves the audio beyond that noise bumps
+    ``AUDIO_VERSION``; test_benchmark_corpora_reproduce (within ``REPRODUCTION_SNR_DB``
+    of the committed renders) fails until it does. Computed from the plan, so no build is
+    needed to know it."""
+    engines = sorted({v.engine for v in spec.train_voices + spec.test_only_voices})
+    h = hashlib.sha256(json.dumps({"audio_version": AUDIO_VERSION, "name": spec.name,
+                                   "engines": {e: engine_version(e) for e in engines}}, sort_keys=True).encode())
+    for job in sorted((j for j in _plan(spec) if j["split"] in splits), key=lambda j: j["id"]):
+        h.update(json.dumps([job["id"], job["split"], job["text"], job["label"], job["voice"].id, job["seed"]]).encode())
     return h.hexdigest()[:16]
-
-
-def built_digest(name: str, splits: tuple[str, ...] = SPLITS, root: Path | None = None) -> str | None:
-    """``content_digest`` of the cached corpus ``name`` as its manifest records it (files
-    are not re-hashed: load_corpus does that); None when no build is cached."""
-    path = (root or cache_root()) / "corpora" / name / "manifest.json"
-    try:
-        return content_digest(json.loads(path.read_text()), splits)
-    except (OSError, json.JSONDecodeError, KeyError):
-        return None
 
 
 def verify(folder: Path, fingerprint: str) -> str | None:
@@ -332,17 +337,17 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
     return manifest
 
 
-def render_items(spec: CorpusSpec, ids: Iterable[str]) -> dict[str, str]:
-    """The SHA-256 each planned item ``ids`` of ``spec`` would have in a full build's
-    manifest, rendering only those items: a few clips of a large corpus checked against
-    committed hashes tell whether this machine's engines and libraries still produce the
-    benchmark's audio bit for bit, without the 35-minute build."""
+def render_items(spec: CorpusSpec, ids: Iterable[str]) -> dict[str, bytes]:
+    """The WAV bytes each planned item ``ids`` of ``spec`` would have in a full build,
+    rendering only those items: a few clips of a large corpus checked against committed
+    renders tell whether this machine's engines and libraries still produce the benchmark's
+    audio, without the 35-minute build."""
     jobs = {job["id"]: job for job in _plan(spec)}
     unknown = sorted(set(ids) - set(jobs))
     if unknown:
         raise ValueError(f"items {unknown[:5]} are not in corpus {spec.name!r}'s plan "
                          f"(ids look like 'test-00012'; the plan has {len(jobs)} items)")
-    return {i: hashlib.sha256(_wav_bytes(_render(jobs[i])[1])).hexdigest() for i in ids}
+    return {i: _wav_bytes(_render(jobs[i])[1]) for i in ids}
 
 
 def _wav_bytes(pcm: bytes) -> bytes:
