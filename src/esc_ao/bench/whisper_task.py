@@ -1,4 +1,8 @@
-"""Whisper tiny.en, the whole model (encoder and decoder), as an accuracy-benchmark task.
+"""Whisper (tiny.en or base), the whole model (encoder and decoder), as an accuracy-benchmark
+task: ``task(n, seed, "tiny.en")`` is ``whisper-tiny.en``, ``task(n, seed, "base")``
+``whisper-base``. The English-only tiny.en is prompted <|startoftranscript|><|notimestamps|>;
+the multilingual base is told the language and task, <|startoftranscript|><|en|>
+<|transcribe|><|notimestamps|>, as ``whisper.decode(..., language="en")`` does.
 
 Two graphs, so greedy decoding costs one encoder pass per utterance:
 
@@ -26,18 +30,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample, holdout_split
-from esc_ao.corpus import load_corpus
+from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample, holdout_split, load_eval_corpus
 from esc_ao.metrics import wer
 from esc_ao.objectives import first_tensor
 from esc_ao.pipeline import Batch
 
-__all__ = ["HOLDOUT_UTTERANCES", "SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit"]
+__all__ = ["HOLDOUT_UTTERANCES", "SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit", "tokenizer"]
 
 SEARCH_UTTERANCES = 8
 HOLDOUT_UTTERANCES = 8
@@ -58,10 +62,22 @@ class _Decoding:
     suppress_first: tuple[int, ...]
 
 
-def _decoding() -> _Decoding:
+def tokenizer(model_name: str = "tiny.en") -> Any:
+    """openai-whisper's tokenizer of the model: English-only, or multilingual set to English
+    transcription (the language and task tokens of its prompt)."""
     from whisper.tokenizer import get_tokenizer
 
-    tok = get_tokenizer(False)
+    from esc_ao.speech.ct2_whisper import is_multilingual
+
+    # An English-only tokenizer ignores language and task (both None), so tiny.en's is get_tokenizer(False).
+    return get_tokenizer(is_multilingual(model_name), language="en", task="transcribe")
+
+
+@lru_cache(maxsize=None)
+def _decoding(model_name: str = "tiny.en") -> _Decoding:
+    # The special tokens' ids differ between the English-only and multilingual vocabularies
+    # (one more token before them), so every list comes from the model's own tokenizer.
+    tok = tokenizer(model_name)
     return _Decoding(tuple(tok.sot_sequence_including_notimestamps), tok.eot,
                      tuple(sorted(set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
                                                                 tok.sot_lm, tok.no_speech, tok.no_timestamps})),
@@ -73,11 +89,11 @@ def token_limit(seconds: float) -> int:
     return min(MAX_TOKENS, _TOKENS_FIXED + math.ceil(_TOKENS_PER_SECOND * seconds))
 
 
-def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor,
-                      max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor, max_tokens: int = MAX_TOKENS,
+                      model_name: str = "tiny.en") -> list[list[int]]:
     """Greedy decoding of a batch of log-mels (B, 80, 3000) -> token lists (no prompt, no EOT),
-    at most ``max_tokens`` each."""
-    dec = _decoding()
+    at most ``max_tokens`` each, with the prompt and suppressed tokens of ``model_name``."""
+    dec = _decoding(model_name)
     keys, values = audio(mels)
     tokens = torch.tensor([list(dec.prompt)] * mels.shape[0])
     done = torch.zeros(mels.shape[0], dtype=torch.bool)
@@ -136,24 +152,24 @@ def _teacher_forcing(prompt: Sequence[int], transcripts: list[list[int]], eot: i
     return inputs, targets
 
 
-def task(n_calibration: int, seed: int) -> Task:
-    from whisper.tokenizer import get_tokenizer
-
-    from esc_ao.speech import load_whisper_tiny_en, whisper_mel
+def task(n_calibration: int, seed: int, model_name: str = "tiny.en", eval_set: str = "tts") -> Task:
+    """The benchmark task of Whisper ``model_name`` ('tiny.en' or 'base') on ``eval_set``
+    (esc_ao.bench.tasks.load_eval_corpus)."""
+    from esc_ao.speech import load_whisper, whisper_mel
     from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
 
-    model = load_whisper_tiny_en().eval()
+    model = load_whisper(model_name).eval()
     audio, text = WhisperAudio(model).eval(), WhisperTextStep(model).eval()
-    tok = get_tokenizer(False)
-    dec = _decoding()
-    corpus = load_corpus("asr")
+    tok = tokenizer(model_name)
+    dec = _decoding(model_name)
+    corpus = load_eval_corpus(f"whisper-{model_name}", eval_set)
     calib = calibration_sample(corpus.utterances("calibration"), n_calibration, seed)
     mels = [whisper_mel(torch.from_numpy(u.audio())) for u in calib]
     # One utterance per call throughout: the exported graphs have a static batch of 1 (a
     # dynamic batch cannot be exported from batch-1 examples, and teacher-forced sequences
     # differ in length).
     with torch.no_grad():  # the float model's transcripts: the teacher-forcing targets
-        transcripts = [greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]))[0]
+        transcripts = [greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]), model_name)[0]
                        for u, m in zip(calib, mels)]
     tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
     searched, held = holdout_split(len(mels))
@@ -180,9 +196,9 @@ def task(n_calibration: int, seed: int) -> Task:
         for u in test:
             mel = whisper_mel(torch.from_numpy(u.audio()))
             limit = token_limit(u.meta["duration_s"])
-            hyps.append(tok.decode(greedy_transcribe(forwards["audio"], forwards["text"], mel, limit)[0]))
+            hyps.append(tok.decode(greedy_transcribe(forwards["audio"], forwards["text"], mel, limit, model_name)[0]))
         return wer([u.text for u in test], hyps, seed=seed)
 
-    return Task("whisper-tiny.en", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
+    return Task(f"whisper-{model_name}", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
                 {"test_utterances": len(test), "search_utterances": len(searched), "holdout_utterances": len(held),
                  "decoding": f"greedy, at most {_TOKENS_FIXED} + {_TOKENS_PER_SECOND:g} tokens per second of audio"})
