@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.fx import GraphModule
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.accuracy_table import render
 from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.machine import describe
 from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
 from esc_ao.calibrate import calibrate
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
@@ -40,7 +40,7 @@ from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic
 
-__all__ = ["AccuracySettings", "QuantizedTask", "machine", "quantize_task", "render", "run_accuracy_bench"]
+__all__ = ["AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
 
 
 @dataclass
@@ -156,26 +156,9 @@ def _fill(model: str, eval_set: str, methods: list[str], bits: list[str], out: P
             task = build_task(model, settings.n_calibration, settings.seed, eval_set)
         row = _float_cell(task) if method == "float" else _quant_cell(task, method, b, settings, exported)
         row.update(model=model, eval_set=eval_set, metric=task.metric, seed=settings.seed, version=key.digest,
-                   key=dataclasses.asdict(key), n_calibration=settings.n_calibration, machine=machine(),
+                   key=dataclasses.asdict(key), n_calibration=settings.n_calibration, machine=describe(),
                    notes=task.notes)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("notes", "key")}), flush=True)
         render(out, cells, settings)  # the table so far: a stopped run still leaves one
-
-
-def machine() -> str:
-    """CPU model, its int8 dot-product features, threads and torch version: recorded in
-    every cell (speed depends on them; accuracy should not)."""
-    name, flags = platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == platform.machine():
-                name = f"{platform.machine()} {value.strip()}"
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    int8 = [f for f in ("avx512_vnni", "avx_vnni", "asimddp", "i8mm") if f in flags]
-    return f"{name} ({', '.join(int8) or 'no int8 dot-product'}), {torch.get_num_threads()} threads, torch {torch.__version__}"

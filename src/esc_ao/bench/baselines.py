@@ -7,13 +7,13 @@ Writes ``whisper_encoder_sqnr.json`` (one record per cell) and ``whisper_encoder
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from esc_ao.bench.machine import describe
 from esc_ao.config import QuantConfig
 from esc_ao.job import quantize_job, whisper_default
 from esc_ao.report import write_json_atomic, write_text_atomic
@@ -39,7 +39,7 @@ def run_baselines(out_dir: Path, n_calibration: int | None = None,
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(rows[-1], flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    meta = {"machine": describe(),
             "torch": torch.__version__}
     write_json_atomic(out_dir / "whisper_encoder_sqnr.json", {"meta": meta, "rows": rows})
     lines = ["# Whisper tiny.en encoder: output SQNR (dB) vs float, held-out clips", "",

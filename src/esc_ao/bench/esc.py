@@ -10,13 +10,13 @@ convergence plot per bit width into the output directory.
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from esc_ao.bench.machine import describe
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.job import quantize_job, whisper_default
 from esc_ao.report import plot_convergence, write_json_atomic, write_text_atomic
@@ -47,7 +47,7 @@ def run_esc_bench(out_dir: Path, bits: list[str], search: SearchConfig, n_calibr
         print(row, flush=True)
         if esc["history"]:
             plot_convergence(esc["history"], esc["initial_objective"], out_dir / f"whisper_encoder_esc_{label}.png")
-    meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    meta = {"machine": describe(), "torch": torch.__version__}
     write_json_atomic(out_dir / "whisper_encoder_esc.json", {"meta": meta, "rows": rows})
     lines = ["# ESC vs MSE on Whisper tiny.en's encoder (output SQNR, dB, held-out clips)", "",
              f"Command: `esc-ao bench esc --bits {' '.join(bits)} --budget {search.budget} --popsize {search.popsize} "

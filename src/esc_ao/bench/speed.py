@@ -21,7 +21,6 @@ Variants:
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from esc_ao.bench.machine import cpu_features, describe
 from esc_ao.lower.executorch import LoweringError
 from esc_ao.report import write_json_atomic, write_text_atomic
 
@@ -54,6 +54,13 @@ def _whisper() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
     return inputs.model, inputs.calibration[0], inputs.calibration
 
 
+def _whisper_base() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
+    from esc_ao.speech import WhisperEncoder, bundled_clips, load_whisper, whisper_mel
+
+    batches = [(whisper_mel(c.audio),) for c in bundled_clips("calibration")[:2]]
+    return WhisperEncoder(load_whisper("base")).eval(), batches[0], batches
+
+
 def _ast() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
     from esc_ao.speech import AST
 
@@ -77,10 +84,12 @@ def _linear_stack() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tup
 
 
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]]] = {
-    "conformer": _conformer, "whisper-encoder": _whisper, "ast": _ast, "linear-stack": _linear_stack}
+    "conformer": _conformer, "whisper-encoder": _whisper, "whisper-base-encoder": _whisper_base, "ast": _ast,
+    "linear-stack": _linear_stack}
 DESCRIPTION = {
     "conformer": "Conformer-CTC, 8.4M params (16 layers, d=144), 10 s of audio (1000 fbank frames), random weights",
     "whisper-encoder": "Whisper tiny.en encoder (real weights), 30 s window (3000 mel frames)",
+    "whisper-base-encoder": "Whisper base encoder (real weights, 6 layers, d=512), 30 s window (3000 mel frames)",
     "ast": "AST, 5.4M params (12 layers, d=192), 1 s of audio (100 x 128 fbank), random weights",
     "linear-stack": "GEMMs only: 16 x (Linear 144->576, ReLU, Linear 576->144, ReLU) on 250 frames, the "
                     "Conformer's FFN shapes; the bound on what integer kernels gain on this CPU",
@@ -188,7 +197,7 @@ def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: i
 
 
 def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) -> None:
-    meta = {"machine": f"{platform.machine()} {_cpu_name()}, {torch.get_num_threads()} cores",
+    meta = {"machine": describe(), "cpu_int8_features": cpu_features(),
             "runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
             "runs_per_round": runs, "rounds": rounds, "torch": torch.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,13 +220,3 @@ def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) ->
                          f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |")
         lines.append("")
     write_text_atomic(out_dir / "speed.md", "\n".join(lines))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
