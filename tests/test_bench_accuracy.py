@@ -157,7 +157,7 @@ def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
     assert main(["bench", "accuracy", "--models", "resnet", "--cells", str(tmp_path)]) == 2
     assert "unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast" in capsys.readouterr().err
     assert main(["corpus", "librispeech"]) == 2
-    assert "use one of asr, kws" in capsys.readouterr().err
+    assert "use one of asr, kws, real-asr" in capsys.readouterr().err
 
 
 def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:

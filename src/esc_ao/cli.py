@@ -98,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing")
     ba.add_argument("--prune", action="store_true",
                     help="delete the cells of older keys (the table never shows them), then render")
-    c = sub.add_parser("corpus", help="build (or verify) the offline TTS corpora")
-    c.add_argument("names", nargs="*", default=["asr", "kws"])
+    c = sub.add_parser("corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)")
+    c.add_argument("names", nargs="*", default=["asr", "kws", "real-asr"])
     return p
 
 
@@ -175,19 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.render_only or args.prune:
             print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
             return 0
+        from esc_ao.corpus import MissingEngineError, MissingSourceError
+        from esc_ao.speech import WhisperWeightsError
+
         try:
             run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings, args.eval_sets)
-        except (ValueError, FileNotFoundError) as exc:  # bad names or a missing checkpoint: say which
+        # bad names, a missing checkpoint, TTS engine, real-speech package or weights package: say which
+        except (ValueError, FileNotFoundError, MissingEngineError, MissingSourceError, WhisperWeightsError) as exc:
             print(f"esc-ao bench accuracy: {exc}", file=sys.stderr)
             return 2
         return 0
     if args.command == "corpus":
-        from esc_ao.corpus import load_corpus
+        from esc_ao.corpus import CORPORA, load_corpus, load_real_corpus
 
+        valid = [*CORPORA, "real-asr"]
+        unknown = [n for n in args.names if n not in valid]
+        if unknown:
+            print(f"esc-ao corpus: corpus {unknown[0]!r} is unknown: use one of {', '.join(valid)}", file=sys.stderr)
+            return 2
         for name in args.names:
             try:
-                corpus = load_corpus(name)
-            except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine (MissingEngineError)
+                corpus = load_real_corpus() if name == "real-asr" else load_corpus(name)
+            except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine or real-speech package
                 print(f"esc-ao corpus: {exc}", file=sys.stderr)
                 return 2
             print(f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "

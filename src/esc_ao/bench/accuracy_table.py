@@ -116,13 +116,12 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, evaluation set, "
              f"method, bits, seed and key). Machines: {'; '.join(machines)}.", "",
              f"Numerics versions: {', '.join(f'{k} {v}' for k, v in NUMERICS.items())}. "
-             f"{settings.n_calibration} calibration utterances (seed {settings.seed}; fewer where a set's calibration "
-             "split is smaller, as its cells record); "
+             f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
              "(WER: utterance bootstrap; accuracy: Wilson). Full integer quantization (EscQuantizer, reference target). "
-             "Real speech: human recordings, calibrated on the real set's calibration split; TTS: the offline TTS "
-             "corpora (docs/benchmark.md)."
+             "Real speech: human recordings (esc_ao.corpus.real), calibrated on its calibration split and tested on "
+             "its test split; TTS: the offline TTS corpora (docs/benchmark.md)."
              + (f" {n_stale} cells of older keys are not shown (`esc-ao bench accuracy --prune` deletes them)."
                 if n_stale else ""), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
