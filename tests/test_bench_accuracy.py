@@ -71,7 +71,8 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {"baselines": cells.code_version("ast", "max"),
-                                                                  "esc": cells.code_version("ast", "esc")}
+                                                                  "esc": cells.code_version("ast", "esc"),
+                                                                  "dynamic": cells.code_version("ast", "dynamic")}
     assert rows[0]["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1}
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from esc_ao.annotators import TARGETS
+from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.objectives import objective_by_name
 from esc_ao.job import JobInputs, quantize_job, whisper_default
@@ -86,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--models", nargs="+", default=["conformer-ctc", "ast", "whisper-tiny.en", "whisper-base"])
     ba.add_argument("--eval-sets", nargs="+", default=None,
                     help="real (human recordings) and/or tts (the TTS corpora); default: each model's own")
-    ba.add_argument("--methods", nargs="+", default=list(METHODS))
+    ba.add_argument("--methods", nargs="+", default=list(BENCH_METHODS),
+                    help=f"calibration methods, and {DYNAMIC_METHOD} (dynamic int8 activations, no calibration; "
+                         "W8A8 and W4A8 only)")
     ba.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
     ba.add_argument("--calib-samples", type=int, default=100, help="calibration utterances (paper: 100)")
     ba.add_argument("--seed", type=int, default=0)

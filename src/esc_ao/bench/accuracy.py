@@ -13,6 +13,10 @@ Quantized graphs are EscQuantizer(target="reference"): full integer quantization
 conv, attention matmuls, residual adds, LayerNorm in/out), evaluated as the converted
 reference graph (integer grids, float arithmetic between them), made fast to run by
 esc_ao.eval_graph.for_evaluation (bit-identical outputs).
+
+Method "dynamic" is the users' alternative to calibration, dynamic int8 activations
+(esc_ao.bench.dynamic: torchao on the float model's linears only): it has W8A8 and W4A8
+cells; W4A4 does not exist for it and is skipped.
 """
 
 from __future__ import annotations
@@ -31,16 +35,17 @@ from torch.fx import GraphModule
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.accuracy_table import render
 from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_BITS, DYNAMIC_METHOD, dynamic_forwards, dynamic_sizes
 from esc_ao.bench.machine import describe
 from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
 from esc_ao.calibrate import calibrate
-from esc_ao.config import METHODS, QuantConfig, SearchConfig
+from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.eval_graph import for_evaluation
 from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.report import weight_bytes, write_json_atomic
 
-__all__ = ["AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
+__all__ = ["BENCH_METHODS", "AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
 
 
 @dataclass
@@ -105,9 +110,26 @@ def _float_cell(task: Task) -> dict[str, Any]:
             "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _dynamic_cell(task: Task, bits: str) -> dict[str, Any]:
+    """One dynamic-activation cell: the float parts with torchao-quantized linears, then the
+    test metric; calibration_seconds is the time quantizing took (nothing is calibrated)."""
+    t0 = time.perf_counter()
+    forwards = dynamic_forwards(task, bits)
+    sizes = dynamic_sizes(task, bits)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        est = task.evaluate(forwards)
+    return {"method": DYNAMIC_METHOD, "bits": bits, "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
+            "n": est.n, "size_bytes": 4 * task.n_params - sizes.float_bytes + sizes.quant_bytes,
+            "calibration_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+            "dynamic": {"linears_per_channel": sizes.per_channel, "linears_per_group": sizes.per_group}}
+
+
 def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
                 exported: dict[str, GraphModule]) -> dict[str, Any]:
     """One quantized cell: quantize_task, then the test metric of its converted graphs."""
+    if method == DYNAMIC_METHOD:
+        return _dynamic_cell(task, bits)
     config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=method)
     search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
                           seed=settings.seed, progress=False)
@@ -126,10 +148,11 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
 
 def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], out: Path, cells: Path,
                        settings: AccuracySettings, eval_sets: list[str] | None = None) -> list[dict[str, Any]]:
-    """Fills the missing cells of models x evaluation sets x (float + methods x bits),
-    then writes the JSON, Markdown and plot over every cell present for the current keys.
+    """Fills the missing cells of models x evaluation sets x (float + methods x bits; no
+    "dynamic" W4A4, which does not exist), then writes the JSON, Markdown and plot over
+    every cell present for the current keys.
     ``eval_sets``: "real" and/or "tts" (default: each model's own, esc_ao.bench.cells)."""
-    for name, given, valid in (("model", models, MODELS), ("method", methods, METHODS), ("bits", bits, BITS),
+    for name, given, valid in (("model", models, MODELS), ("method", methods, BENCH_METHODS), ("bits", bits, BITS),
                                ("evaluation set", eval_sets or [], EVAL_SETS)):
         bad = [g for g in given if g not in valid]
         if bad:
@@ -144,11 +167,12 @@ def _fill(model: str, eval_set: str, methods: list[str], bits: list[str], out: P
           settings: AccuracySettings) -> None:
     """The missing cells of one model on one evaluation set."""
     load_eval_corpus(model, eval_set)  # verified (rebuilt if stale) before anything is computed on it
-    keys = {kind: cellkeys.cell_key(model, kind, eval_set) for kind in ("max", "esc")}
+    keys = {kind: cellkeys.cell_key(model, kind, eval_set) for kind in ("max", "esc", DYNAMIC_METHOD)}
     task: Task | None = None
     exported: dict[str, GraphModule] = {}
-    for method, b in [("float", "fp32")] + [(m, b) for b in bits for m in methods]:
-        key = keys["esc" if method == "esc" else "max"]
+    cells_wanted = [(m, b) for b in bits for m in methods if m != DYNAMIC_METHOD or b in DYNAMIC_BITS]
+    for method, b in [("float", "fp32")] + cells_wanted:
+        key = keys[method if method in ("esc", DYNAMIC_METHOD) else "max"]
         path = cellkeys.cell_path(cells, model, eval_set, method, b, settings, key.digest)
         if path.exists():
             continue

@@ -14,8 +14,8 @@ from typing import Any
 
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.numerics import NUMERICS
-from esc_ao.config import METHODS
 from esc_ao.report import write_json_atomic, write_text_atomic
 
 __all__ = ["render", "stale_cells"]
@@ -33,21 +33,23 @@ def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str,
 
 def _versions() -> dict[tuple[str, str], dict[str, str]]:
     """Each (model, evaluation set)'s current version digests ({"baselines": float and
-    baseline cells', "esc": ESC cells'}); a pair whose key cannot be computed here (a TTS
-    engine missing) is left out with a warning: its cells are neither shown nor judged."""
+    baseline cells', "esc": ESC cells', "dynamic": dynamic-activation cells'}); a pair whose
+    key cannot be computed here (a TTS engine missing) is left out with a warning: its cells
+    are neither shown nor judged."""
     versions = {}
     for model in MODELS:
         for eval_set in MODEL_EVAL_SETS[model]:
             try:
                 versions[(model, eval_set)] = {"baselines": cellkeys.code_version(model, "max", eval_set),
-                                               "esc": cellkeys.code_version(model, "esc", eval_set)}
+                                               "esc": cellkeys.code_version(model, "esc", eval_set),
+                                               DYNAMIC_METHOD: cellkeys.code_version(model, DYNAMIC_METHOD, eval_set)}
             except (ImportError, OSError, RuntimeError) as exc:  # a missing TTS engine, weights package or module
                 log.warning("%s on %s: its cells are left out of the table (%s)", model, eval_set, exc)
     return versions
 
 
 def _version(versions: dict[str, str], method: str) -> str:
-    return versions["esc" if method == "esc" else "baselines"]
+    return versions[method if method in ("esc", DYNAMIC_METHOD) else "baselines"]
 
 
 def stale_cells(cells: Path, versions: dict[tuple[str, str], dict[str, str]] | None = None) -> list[Path]:
@@ -66,7 +68,7 @@ def _collect(cells: Path, settings: AccuracySettings,
     model: float first, then bits x methods; evaluation sets real first)."""
     rows = []
     for (model, eval_set), current in versions.items():
-        for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
+        for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in BENCH_METHODS]:
             path = cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method))
             if path.exists():
                 rows.append(json.loads(path.read_text()))
@@ -95,7 +97,7 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
              "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
              "|---|---|" + "---|" * len(sets) + "---|"]
     by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
-    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in METHODS]:
+    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in BENCH_METHODS]:
         cols = [by.get((e, method, bits)) for e in sets]
         if not any(cols):
             continue
@@ -119,7 +121,12 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
              f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
-             "(WER: utterance bootstrap; accuracy: Wilson). Full integer quantization (EscQuantizer, reference target). "
+             "(WER: utterance bootstrap; accuracy: Wilson). Calibration methods: full integer quantization "
+             "(EscQuantizer, reference target). "
+             "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
+             "asymmetric) on the linears only (W8A8: int8 weights per channel; W4A8: int4 weights in groups of 32, "
+             "per channel where the input width is not a multiple of 32); convolutions, attention, LayerNorm and "
+             "Whisper's output projection stay float; it has no W4A4 row (dynamic activations are 8-bit). "
              "Real speech: human recordings (esc_ao.corpus.real), calibrated on its calibration split and tested on "
              "its test split; TTS: the offline TTS corpora (docs/benchmark.md)."
              + (f" {n_stale} cells of older keys are not shown (`esc-ao bench accuracy --prune` deletes them)."
@@ -149,7 +156,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     xs = list(BITS)
     for ax, (model, eval_set) in zip(axes.flat, models):
         mrows = [r for r in rows if r["model"] == model and r["eval_set"] == eval_set]
-        for method in METHODS:
+        for method in BENCH_METHODS:
             pts = [(xs.index(r["bits"]), 100 * r["value"]) for r in mrows if r["method"] == method]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=method)

@@ -17,6 +17,9 @@ Parts and the code each one stands for:
 - ``quantization``: observers, histogram, quantizer and annotators, graph preparation,
   the PT2E pipeline, quantization config defaults, the fast evaluation graph;
 - ``search``: ESC's local step, search space and CMA-ES driver (ESC cells only);
+- ``dynamic``: the dynamic-activation rows' quantization (bench/dynamic.py: torchao's
+  config and what it is applied to); their cells are keyed by it instead of
+  ``quantization``, whose observers and quantizer they do not use;
 - ``benchmark``: calibration sampling, hold-out split, metrics and their intervals,
   features, quantize_task (bench/accuracy.py, bench/tasks.py, metrics.py,
   speech/features.py);
@@ -27,6 +30,7 @@ Parts and the code each one stands for:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 __all__ = ["NUMERICS", "PARTS", "model_parts", "reference_figures"]
@@ -34,6 +38,7 @@ __all__ = ["NUMERICS", "PARTS", "model_parts", "reference_figures"]
 NUMERICS: dict[str, int] = {
     "quantization": 1,
     "search": 1,
+    "dynamic": 1,
     "benchmark": 1,
     "whisper": 1,
     "conformer-ctc": 1,
@@ -46,10 +51,12 @@ _MODEL_PART = {"whisper-tiny.en": "whisper", "whisper-base": "whisper", "conform
 
 def model_parts(model: str, method: str) -> dict[str, int]:
     """The parts (and their versions) that decide a cell of ``model`` with ``method``:
-    the search only for ESC, a model's own task part only for that model."""
+    the search only for ESC, ``dynamic`` instead of ``quantization`` for the dynamic rows,
+    a model's own task part only for that model."""
     if model not in _MODEL_PART:
         raise ValueError(f"model {model!r} has no numerics part: use one of {', '.join(_MODEL_PART)}")
-    names = ["quantization", "benchmark", _MODEL_PART[model]] + (["search"] if method == "esc" else [])
+    names = ["dynamic" if method == "dynamic" else "quantization", "benchmark", _MODEL_PART[model]]
+    names += ["search"] if method == "esc" else []
     return {n: NUMERICS[n] for n in sorted(names)}
 
 
@@ -106,6 +113,36 @@ def _search() -> dict[str, Any]:
             "scales": len(result.labels), "sqnr_db": _sqnr(model, convert(prepared), batches)}
 
 
+def _dynamic() -> dict[str, Any]:
+    """Output SQNR of torchao's dynamic quantization of a seeded one-layer Conformer (its
+    linears: input widths multiples of 32) and of a small MLP (input width 48: int4 per
+    channel at W4A8), and the sizes counted for the MLP."""
+    import torch
+    import torchaudio
+    from torch import nn
+
+    from esc_ao.bench.dynamic import dynamic_sizes, quantize_linears
+    from esc_ao.bench.tasks import single_part
+    from esc_ao.speech import ExportableConformer
+
+    torch.manual_seed(0)
+    conformer = ExportableConformer(torchaudio.models.Conformer(
+        input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7),
+        split_attention=True).eval()
+    mlp = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    gen = torch.Generator().manual_seed(1)
+    conformer_batches = [(torch.randn(2, 40, 32, generator=gen),) for _ in range(3)]
+    mlp_batches = [(torch.randn(2, 40, 48, generator=gen) + 0.5,) for _ in range(3)]
+    figures: dict[str, Any] = {}
+    for bits in ("w8a8", "w4a8"):
+        figures[f"conformer-{bits}-sqnr_db"] = _sqnr(conformer, quantize_linears(copy.deepcopy(conformer), bits),
+                                                     conformer_batches)
+        figures[f"mlp-{bits}-sqnr_db"] = _sqnr(mlp, quantize_linears(copy.deepcopy(mlp), bits), mlp_batches)
+        sizes = dynamic_sizes(single_part("mlp", "accuracy", mlp, [], lambda idx: None, lambda f: None, {}), bits)
+        figures[f"mlp-{bits}-bytes"] = [sizes.float_bytes, sizes.quant_bytes, sizes.per_channel, sizes.per_group]
+    return figures
+
+
 def _benchmark() -> dict[str, Any]:
     from esc_ao.bench.tasks import calibration_sample, holdout_split
     from esc_ao.metrics import accuracy, wer
@@ -154,8 +191,8 @@ def _trained(name: str) -> dict[str, Any]:
 
 
 _FIGURES: dict[str, Callable[[], dict[str, Any]]] = {
-    "quantization": _quantization, "search": _search, "benchmark": _benchmark, "whisper": _whisper,
-    "conformer-ctc": lambda: _trained("conformer-ctc"), "ast": lambda: _trained("ast"),
+    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "benchmark": _benchmark,
+    "whisper": _whisper, "conformer-ctc": lambda: _trained("conformer-ctc"), "ast": lambda: _trained("ast"),
 }
 
 
