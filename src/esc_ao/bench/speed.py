@@ -196,21 +196,43 @@ def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: i
     return rows
 
 
+def _merged(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """``rows`` plus the rows of other models already in ``speed.json`` (each keeps the
+    machine and settings it was measured with), so measuring one model keeps the others."""
+    path = out_dir / "speed.json"
+    if not path.exists():
+        return rows
+    previous = json.loads(path.read_text())
+    legacy = previous.get("meta", {})  # rows written before each row carried its machine
+    measured = {r["model"] for r in rows}
+    kept = [{"machine": legacy.get("machine", "?"), "runs_per_round": legacy.get("runs_per_round"),
+             "rounds": legacy.get("rounds"), **r} for r in previous.get("rows", []) if r["model"] not in measured]
+    order = list(MODELS)
+    return sorted(kept + rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+
+
 def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) -> None:
-    meta = {"machine": describe(), "cpu_int8_features": cpu_features(),
-            "runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
-            "runs_per_round": runs, "rounds": rounds, "torch": torch.__version__}
+    here = {"machine": describe(), "cpu_int8_features": cpu_features(), "runs_per_round": runs, "rounds": rounds}
+    rows = _merged([{**here, **r} for r in rows], out_dir)
+    meta = {"runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
+            "torch": torch.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "speed.json", {"meta": meta, "rows": rows})
     lines = ["# ExecuTorch XNNPACK speed: float vs integer programs", "",
-             f"Command: `esc-ao bench speed --runs {runs} --rounds {rounds}`; {meta['machine']}; {meta['runner']}. "
-             "Latency: median over rounds of each round's median, variants interleaved round by round; spread = "
-             "min..max of the round medians. Peak RSS: the runner process.", ""]
+             f"Command: `esc-ao bench speed --models MODEL --runs RUNS --rounds ROUNDS` per model (each section "
+             f"names its settings and machine); {meta['runner']}. Latency: median over rounds of each round's median, "
+             "variants interleaved round by round; spread = min..max of the round medians. Peak RSS: the runner "
+             "process. int8 GEMMs gain over fp32 only on CPUs with int8 dot-product instructions (avx512_vnni, "
+             "avx_vnni; Arm dotprod/i8mm): compare ratios within a section, not across machines.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        first = mrows[0]
         lines += [f"## {model}", "", DESCRIPTION.get(model, ""), "",
+                  f"`esc-ao bench speed --models {model} --runs {first.get('runs_per_round')} --rounds "
+                  f"{first.get('rounds')}`; machine: {first.get('machine', '?')}.", "",
                   "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
                   "graph vs float dB | where the ops run |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["model"] == model):
+        for r in mrows:
             if "error" in r:
                 lines.append(f"| {r['variant']} | lowering failed: {r['error']} |||||||")
                 continue
