@@ -56,3 +56,9 @@ def test_accuracy_interval_contains_the_estimate_and_stays_in_0_1(correct: list[
     est = accuracy(correct)
     assert est.value == sum(correct) / len(correct)
     assert 0.0 <= est.low <= est.value <= est.high <= 1.0
+
+
+def test_wer_records_its_error_counts() -> None:
+    est = wer(["turn the light off", "seven two"], ["turn a light off now", "seven"], normalize=False)
+    assert est.details == {"substitutions": 1, "deletions": 1, "insertions": 1, "reference_words": 6}
+    assert est.value == 3 / 6

@@ -10,9 +10,9 @@ the test set is drawn in), with a seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ class Estimate:
     low: float
     high: float
     n: int
+    # What the figure is made of, for inspection (e.g. WER's error counts, transcripts);
+    # not part of the comparison.
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, float | int]:
         return {"value": self.value, "ci95_low": self.low, "ci95_high": self.high, "n": self.n}
@@ -44,11 +47,12 @@ def normalize_english(text: str) -> str:
     return " ".join(_normalizer()(text).split())
 
 
-def _edits(ref: str, hyp: str) -> tuple[int, int]:
+def _edits(ref: str, hyp: str) -> tuple[int, int, int, int]:
+    """(substitutions, deletions, insertions, reference words)."""
     import jiwer
 
     out = jiwer.process_words(ref, hyp)
-    return out.substitutions + out.deletions + out.insertions, out.substitutions + out.deletions + out.hits
+    return out.substitutions, out.deletions, out.insertions, out.substitutions + out.deletions + out.hits
 
 
 def wer(references: Sequence[str], hypotheses: Sequence[str], *, normalize: bool = True,
@@ -68,13 +72,16 @@ def wer(references: Sequence[str], hypotheses: Sequence[str], *, normalize: bool
         raise ValueError("every reference is empty (after normalisation): WER is undefined")
     if empty:
         raise ValueError(f"references {empty[:5]} are empty (after normalisation); drop them, WER needs words")
-    pairs = np.array([_edits(r, h) for r, h in zip(references, hypotheses)], dtype=np.float64)
+    counts = np.array([_edits(r, h) for r, h in zip(references, hypotheses)], dtype=np.float64)
+    pairs = np.stack([counts[:, :3].sum(axis=1), counts[:, 3]], axis=1)  # (errors, reference words)
     value = float(pairs[:, 0].sum() / pairs[:, 1].sum())
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(pairs), size=(resamples, len(pairs)))
     boot = pairs[idx, 0].sum(axis=1) / pairs[idx, 1].sum(axis=1)
     low, high = np.quantile(boot, [0.025, 0.975])
-    return Estimate(value, float(min(low, value)), float(max(high, value)), len(pairs))
+    totals = counts.sum(axis=0).astype(int).tolist()
+    details = dict(zip(("substitutions", "deletions", "insertions", "reference_words"), totals))
+    return Estimate(value, float(min(low, value)), float(max(high, value)), len(pairs), details)
 
 
 def accuracy(correct: Sequence[bool]) -> Estimate:

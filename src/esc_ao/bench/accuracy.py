@@ -101,12 +101,17 @@ def _search_part(prepared: GraphModule, batches: list[Batch], part: Part, conver
             "message": result.message}
 
 
+def _details(est: Any) -> dict[str, Any]:
+    """The estimate's make-up (WER's error counts, Whisper's transcripts), when it has one."""
+    return {"details": est.details} if est.details else {}
+
+
 def _float_cell(task: Task) -> dict[str, Any]:
     t0 = time.perf_counter()
     with torch.no_grad():
         est = task.evaluate(task.float_forwards())
     return {"method": "float", "bits": "fp32", "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
-            "n": est.n, "size_bytes": 4 * task.n_params, "calibration_seconds": 0.0,
+            "n": est.n, **_details(est), "size_bytes": 4 * task.n_params, "calibration_seconds": 0.0,
             "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -120,7 +125,7 @@ def _dynamic_cell(task: Task, bits: str) -> dict[str, Any]:
     with torch.no_grad():
         est = task.evaluate(forwards)
     return {"method": DYNAMIC_METHOD, "bits": bits, "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
-            "n": est.n, "size_bytes": 4 * task.n_params - sizes.float_bytes + sizes.quant_bytes,
+            "n": est.n, **_details(est), "size_bytes": 4 * task.n_params - sizes.float_bytes + sizes.quant_bytes,
             "calibration_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
             "dynamic": {"linears_per_channel": sizes.per_channel, "linears_per_group": sizes.per_group}}
 
@@ -138,7 +143,7 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
     with torch.no_grad():
         est = task.evaluate(q.forwards)
     row = {"method": method, "bits": bits, "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
-           "n": est.n, "size_bytes": 4 * task.n_params - q.float_bytes + q.quant_bytes,
+           "n": est.n, **_details(est), "size_bytes": 4 * task.n_params - q.float_bytes + q.quant_bytes,
            "calibration_seconds": round(q.seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
     if q.esc:
         row["esc"] = q.esc

@@ -28,6 +28,7 @@ others; observers see all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -197,7 +198,9 @@ def task(n_calibration: int, seed: int, model_name: str = "tiny.en", eval_set: s
             mel = whisper_mel(torch.from_numpy(u.audio()))
             limit = token_limit(u.meta["duration_s"])
             hyps.append(tok.decode(greedy_transcribe(forwards["audio"], forwards["text"], mel, limit, model_name)[0]))
-        return wer([u.text for u in test], hyps, seed=seed)
+        est = wer([u.text for u in test], hyps, seed=seed)
+        # the transcripts go into the cell: a decoding loop or an empty output is visible there
+        return dataclasses.replace(est, details={**est.details, "hypotheses": dict(zip((u.id for u in test), hyps))})
 
     return Task(f"whisper-{model_name}", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
                 {"test_utterances": len(test), "search_utterances": len(searched), "holdout_utterances": len(held),
