@@ -113,6 +113,8 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
         acc.run_accuracy_bench(["ast"], ["gptq"], ["w8a8"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="unknown bits 'w2a2'"):
         acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
+    with pytest.raises(ValueError, match="model 'ast' has no evaluation set real: use one of tts"):
+        acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path, tmp_path, settings, ["real"])
 
 
 def test_key_follows_declared_versions_not_source_bytes(stand_in, monkeypatch) -> None:

@@ -162,8 +162,13 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
         bad = [g for g in given if g not in valid]
         if bad:
             raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}: use one of {', '.join(valid)}")
-    for model in models:
-        for eval_set in [e for e in MODEL_EVAL_SETS[model] if eval_sets is None or e in eval_sets]:
+    wanted = {m: [e for e in MODEL_EVAL_SETS[m] if eval_sets is None or e in eval_sets] for m in models}
+    for model, sets in wanted.items():  # before any cell: a typo must not cost a finished cell's time
+        if not sets:
+            raise ValueError(f"model {model!r} has no evaluation set {', '.join(eval_sets or [])}: "
+                             f"use one of {', '.join(MODEL_EVAL_SETS[model])}")
+    for model, sets in wanted.items():
+        for eval_set in sets:
             _fill(model, eval_set, methods, bits, out, cells, settings)
     return render(out, cells, settings)
 
