@@ -55,12 +55,16 @@ class NonFiniteActivationError(ValueError):
 
 def qrange(bits: int, *, weight: bool = False) -> tuple[int, int]:
     """Integer grid of a tensor: int8 [-128, 127] (weights [-127, 127], symmetric as
-    XNNPACK expects), or a 4-bit grid stored in int8, [-8, 7]."""
+    XNNPACK expects), a 4-bit grid stored in int8, [-8, 7], or int16 [-32768, 32767]
+    (activations only: the residual stream's grid)."""
+    if bits == 16 and not weight:
+        return (-32768, 32767)
     if bits == 8:
         return (-127, 127) if weight else (-128, 127)
     if bits == 4:
         return (-8, 7)
-    raise ValueError(f"bits={bits!r} is not supported: use 8 or 4")
+    raise ValueError(f"bits={bits!r} is not supported{' for weights' if weight else ''}: use 8 or 4"
+                     f"{'' if weight else ' (or 16 for activations)'}")
 
 
 def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:

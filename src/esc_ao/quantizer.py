@@ -21,12 +21,16 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from esc_ao.annotators import (
     OP_ROLES,
+    float_tensor_inputs,
+    RESIDUAL_PRECISIONS,
     TARGETS,
+    ResidualPrecision,
     Role,
     Specs,
     Target,
     annotate_node,
     is_annotated,
+    residual_adds,
     xnnpack_skip_reason,
 )
 from esc_ao.config import QuantConfig
@@ -102,13 +106,29 @@ class EscQuantizer(Quantizer):
             integer grids) or ``"xnnpack"`` (the ops ExecuTorch's XNNPACK delegate runs as
             int8 kernels, with int8 outputs so consecutive integer ops chain without
             float in between); see ``esc_ao.annotators``.
+        residual: how the residual stream (the adds a LayerNorm reads, see
+            ``esc_ao.annotators.residual_adds``) is held. ``"int8"``: on the config's grid
+            like every other tensor; ``"int16"``: residual adds and the LayerNorms reading
+            them take 16-bit integer inputs (the W8A16-style stream integer NPUs run;
+            reference target only, XNNPACK has no 16-bit kernels); ``"float"``: residual
+            adds stay float and the linears writing into them keep float outputs (the
+            XNNPACK target's way to the same accuracy). Either costs no multiply-accumulates
+            off int8: the stream is written by adds, which have none.
     """
 
-    def __init__(self, config: QuantConfig | None = None, target: Target = "reference") -> None:
+    def __init__(self, config: QuantConfig | None = None, target: Target = "reference",
+                 residual: ResidualPrecision = "int8") -> None:
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
+        if residual not in RESIDUAL_PRECISIONS:
+            raise ValueError(f"residual={residual!r} is not one of {', '.join(RESIDUAL_PRECISIONS)}")
+        if residual == "int16" and target == "xnnpack":
+            raise ValueError("residual='int16' needs 16-bit integer kernels, which target='xnnpack' lacks: "
+                             "use residual='float' there (or target='reference')")
         self.target: Target = target
+        self.residual: ResidualPrecision = residual
+        self._residual: set[Node] = set()
         self.global_config: QuantConfig | None = config if config is not None else QuantConfig()
         self.module_name_config: dict[str, QuantConfig | None] = {}
         self.module_type_config: dict[str, QuantConfig | None] = {}
@@ -159,6 +179,7 @@ class EscQuantizer(Quantizer):
 
     def annotate(self, model: GraphModule) -> GraphModule:
         self._records = []
+        self._residual = residual_adds(model.graph.nodes) if self.residual != "int8" else set()
         # Reverse order: a passthrough node is annotated only if a consumer already is.
         for node in reversed(list(model.graph.nodes)):
             if node.op != "call_function":
@@ -191,7 +212,13 @@ class EscQuantizer(Quantizer):
         skip = xnnpack_skip_reason(role) if self.target == "xnnpack" else None
         if skip is not None:
             return AnnotationRecord(node.name, op, module, False, "float", skip)
-        if not annotate_node(node, role, self.specs(config), self.target):
+        residual = node in self._residual
+        if residual and self.residual == "float":
+            return AnnotationRecord(node.name, op, module, False, "float", "residual stream kept float (residual='float')")
+        wide = frozenset(float_tensor_inputs(node) if residual else
+                         (a for a in node.args if isinstance(a, Node) and a in self._residual))
+        writes_float = self.residual == "float" and any(u in self._residual for u in node.users)
+        if not annotate_node(node, role, self.specs(config), self.target, wide, writes_float):
             return AnnotationRecord(node.name, op, module, False, "float",
                                     "fewer than two tensor operands (scalar operand folds into the scale)")
         detail = {"weighted": "per-channel weight, per-tensor input",
@@ -200,6 +227,10 @@ class EscQuantizer(Quantizer):
         if self.target == "xnnpack":
             detail = {"weighted": "per-channel weight, per-tensor input and output",
                       "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
+        if writes_float:
+            detail += ", float output into the float residual stream"
+        if wide:
+            detail += ", residual stream on a 16-bit grid"
         return AnnotationRecord(node.name, op, module, True, config.label,
                                 f"{config.method} calibration, {detail} ({source})")
 
@@ -252,6 +283,13 @@ def _build_specs(config: QuantConfig) -> Specs:
             histogram_bins=config.histogram_bins, percentile=config.percentile
         ),
     )
+    wide = QuantizationSpec(
+        dtype=torch.int16,
+        quant_min=qrange(16)[0],
+        quant_max=qrange(16)[1],
+        qscheme=act.qscheme,
+        observer_or_fake_quant_ctr=act.observer_or_fake_quant_ctr,
+    )
     wmin, wmax = qrange(config.weight_bits, weight=True)
     weight = QuantizationSpec(
         dtype=torch.int8,
@@ -261,4 +299,4 @@ def _build_specs(config: QuantConfig) -> Specs:
         ch_axis=0,
         observer_or_fake_quant_ctr=PerChannelWeightObserver,
     )
-    return Specs(activation=act, weight=weight)
+    return Specs(activation=act, weight=weight, wide=wide)
