@@ -20,7 +20,7 @@ from esc_ao.objectives import CrossEntropy
 
 def _task(n_calibration: int, seed: int):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     x = torch.randn(64, 16)
     with torch.no_grad():
         y = model(x).argmax(-1)  # labels the float model gets right: accuracy 1.0 in float
@@ -70,9 +70,8 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {"baselines": cells.code_version("ast", "max"),
-                                                                  "esc": cells.code_version("ast", "esc"),
-                                                                  "dynamic": cells.code_version("ast", "dynamic")}
+    assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {kind: cells.code_version("ast", kind)
+                                                                  for kind in cells.KEY_KINDS}
     assert rows[0]["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1}
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
@@ -84,6 +83,14 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     (tmp_path / "out" / "accuracy.md").unlink()
     assert len(acc.render(tmp_path / "out", tmp_path / "cells", settings)) == 6 and len(stand_in) == 2
     assert "| w8a8 | mse | " in (tmp_path / "out" / "accuracy.md").read_text()
+    # A recipe is a row of its own, keyed with the recipes part, and says what it did.
+    rows = acc.run_accuracy_bench(["ast"], ["mse+r16+sq"], ["w8a8"], tmp_path / "out", tmp_path / "cells", settings)
+    assert len(stand_in) == 3 and len(rows) == 7
+    recipe = next(r for r in rows if r["method"] == "mse+r16+sq")
+    assert recipe["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1, "recipes": 1}
+    assert recipe["recipe"]["suffix"] == "+r16+sq" and recipe["recipe"]["transforms"]
+    assert all({"part", "node", "applied", "detail"} <= set(t) for t in recipe["recipe"]["transforms"])
+    assert "| w8a8 | mse+r16+sq | " in (tmp_path / "out" / "accuracy.md").read_text()
 
 
 def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:
@@ -111,6 +118,10 @@ def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
         acc.run_accuracy_bench(["resnet"], ["max"], ["w8a8"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="unknown method 'gptq': use one of max, percentile, entropy, mse, esc"):
         acc.run_accuracy_bench(["ast"], ["gptq"], ["w8a8"], tmp_path, tmp_path, settings)
+    with pytest.raises(ValueError, match=r"unknown recipe flag\(s\) gptq"):
+        acc.run_accuracy_bench(["ast"], ["mse+gptq"], ["w8a8"], tmp_path, tmp_path, settings)
+    with pytest.raises(ValueError, match="not on dynamic"):
+        acc.run_accuracy_bench(["ast"], ["dynamic+sq"], ["w8a8"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="unknown bits 'w2a2'"):
         acc.run_accuracy_bench(["ast"], ["max"], ["w2a2"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="model 'ast' has no evaluation set real: use one of tts"):

@@ -14,6 +14,10 @@ conv, attention matmuls, residual adds, LayerNorm in/out), evaluated as the conv
 reference graph (integer grids, float arithmetic between them), made fast to run by
 esc_ao.eval_graph.for_evaluation (bit-identical outputs).
 
+A method may carry a recipe suffix (esc_ao.recipe), e.g. ``mse+r16+sq``: the same
+calibration with the residual stream on a 16-bit grid and LayerNorm smoothing; its cells
+are keyed with the recipes' numerics version too.
+
 Method "dynamic" is the users' alternative to calibration, dynamic int8 activations
 (esc_ao.bench.dynamic: torchao on the float model's linears only): it has W8A8 and W4A8
 cells; W4A4 does not exist for it and is skipped.
@@ -34,7 +38,7 @@ from torch.fx import GraphModule
 
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.accuracy_table import render
-from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.cells import BITS, EVAL_SETS, KEY_KINDS, MODEL_EVAL_SETS, MODELS, AccuracySettings, key_kind
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_BITS, DYNAMIC_METHOD, dynamic_forwards, dynamic_sizes
 from esc_ao.bench.machine import describe
 from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
@@ -42,7 +46,7 @@ from esc_ao.calibrate import calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.eval_graph import for_evaluation
 from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
-from esc_ao.quantizer import EscQuantizer
+from esc_ao.recipe import Recipe, split_method
 from esc_ao.report import weight_bytes, write_json_atomic
 
 __all__ = ["BENCH_METHODS", "AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
@@ -58,24 +62,29 @@ class QuantizedTask:
     quant_bytes: int  # the same weights quantized
     esc: list[dict[str, Any]]  # one search summary per part (ESC only)
     seconds: float
+    transforms: list[dict[str, Any]]  # what the recipe's transforms did, per part and site
 
 
 def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
-                  exported: dict[str, GraphModule]) -> QuantizedTask:
+                  exported: dict[str, GraphModule], recipe: Recipe = Recipe()) -> QuantizedTask:
     """Quantizes the task's parts in order, each calibrated on what the quantized parts
     before it produce. ``search``: ESC's settings (``config.method == "esc"``; each part's
     ``local_batches`` replaces the one given). ``exported``: each part's float graph,
     exported on first use and copied for every call (prepare rewrites the graph it is
-    given; export takes seconds to a minute)."""
+    given; export takes seconds to a minute). ``recipe``: transforms applied to each
+    part's copy before annotation, and the residual stream's precision."""
     t0 = time.perf_counter()
     converted: dict[str, Any] = {}
     float_bytes = quant_bytes = 0
     esc: list[dict[str, Any]] = []
+    transforms: list[dict[str, Any]] = []
     for part in task.parts:
         batches = part.calibration(converted)
         if part.name not in exported:
             exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
-        prepared = prepare(copy.deepcopy(exported[part.name]), EscQuantizer(config, target="reference"))
+        graph = copy.deepcopy(exported[part.name])
+        transforms += [{"part": part.name, **dataclasses.asdict(r)} for r in recipe.transform(graph, batches, config)]
+        prepared = prepare(graph, recipe.quantizer(config, target="reference"))
         observe(prepared, batches)
         if config.method == "esc":
             esc.append(_search_part(prepared, batches, part, converted,
@@ -83,7 +92,7 @@ def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
         sizes = weight_bytes(prepared, config.weight_bits)
         float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]
         converted[part.name] = for_evaluation(convert(prepared))  # same numbers, 2x faster
-    return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0)
+    return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0, transforms)
 
 
 def _search_part(prepared: GraphModule, batches: list[Batch], part: Part, converted: dict[str, Any],
@@ -135,16 +144,19 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
     """One quantized cell: quantize_task, then the test metric of its converted graphs."""
     if method == DYNAMIC_METHOD:
         return _dynamic_cell(task, bits)
-    config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=method)
+    base, recipe = split_method(method)
+    config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=base)
     search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
                           seed=settings.seed, progress=False)
-    q = quantize_task(task, config, search, exported)
+    q = quantize_task(task, config, search, exported, recipe)
     t1 = time.perf_counter()
     with torch.no_grad():
         est = task.evaluate(q.forwards)
     row = {"method": method, "bits": bits, "value": est.value, "ci95_low": est.low, "ci95_high": est.high,
            "n": est.n, **_details(est), "size_bytes": 4 * task.n_params - q.float_bytes + q.quant_bytes,
            "calibration_seconds": round(q.seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
+    if recipe != Recipe():
+        row["recipe"] = {"suffix": recipe.suffix, "description": recipe.describe(), "transforms": q.transforms}
     if q.esc:
         row["esc"] = q.esc
         row["esc_search"] = {"budget": settings.budget, "popsize": settings.popsize, "sigma0": settings.sigma0}
@@ -157,7 +169,9 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
     "dynamic" W4A4, which does not exist), then writes the JSON, Markdown and plot over
     every cell present for the current keys.
     ``eval_sets``: "real" and/or "tts" (default: each model's own, esc_ao.bench.cells)."""
-    for name, given, valid in (("model", models, MODELS), ("method", methods, BENCH_METHODS), ("bits", bits, BITS),
+    for method in methods:
+        _check_method(method)
+    for name, given, valid in (("model", models, MODELS), ("bits", bits, BITS),
                                ("evaluation set", eval_sets or [], EVAL_SETS)):
         bad = [g for g in given if g not in valid]
         if bad:
@@ -173,16 +187,24 @@ def run_accuracy_bench(models: list[str], methods: list[str], bits: list[str], o
     return render(out, cells, settings)
 
 
+def _check_method(method: str) -> None:
+    """A calibration method with an optional recipe suffix, or "dynamic" alone."""
+    base, recipe = split_method(method)
+    if base not in BENCH_METHODS or (base == DYNAMIC_METHOD and recipe != Recipe()):
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(BENCH_METHODS)}, a calibration method "
+                         f"with a recipe suffix such as mse+r16+sq (esc_ao.recipe; not on {DYNAMIC_METHOD})")
+
+
 def _fill(model: str, eval_set: str, methods: list[str], bits: list[str], out: Path, cells: Path,
           settings: AccuracySettings) -> None:
     """The missing cells of one model on one evaluation set."""
     load_eval_corpus(model, eval_set)  # verified (rebuilt if stale) before anything is computed on it
-    keys = {kind: cellkeys.cell_key(model, kind, eval_set) for kind in ("max", "esc", DYNAMIC_METHOD)}
+    keys = {kind: cellkeys.cell_key(model, kind, eval_set) for kind in KEY_KINDS}
     task: Task | None = None
     exported: dict[str, GraphModule] = {}
     cells_wanted = [(m, b) for b in bits for m in methods if m != DYNAMIC_METHOD or b in DYNAMIC_BITS]
     for method, b in [("float", "fp32")] + cells_wanted:
-        key = keys[method if method in ("esc", DYNAMIC_METHOD) else "max"]
+        key = keys[key_kind(method)]
         path = cellkeys.cell_path(cells, model, eval_set, method, b, settings, key.digest)
         if path.exists():
             continue

@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from esc_ao.bench import cells as cellkeys
-from esc_ao.bench.cells import BITS, EVAL_SETS, MODEL_EVAL_SETS, MODELS, AccuracySettings
+from esc_ao.bench.cells import BITS, EVAL_SETS, KEY_KINDS, MODEL_EVAL_SETS, MODELS, AccuracySettings, key_kind
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.numerics import NUMERICS
 from esc_ao.report import write_json_atomic, write_text_atomic
 
-__all__ = ["render", "stale_cells"]
+__all__ = ["TABLE_METHODS", "render", "stale_cells"]
+
+# The table's rows per bit width, in order: each calibration method plain, then with the
+# recipes (esc_ao.recipe) the benchmark computes, then the dynamic-activation baseline.
+TABLE_RECIPES = ("", "+r16", "+r16+sq")
+TABLE_METHODS: tuple[str, ...] = tuple(m + r for r in TABLE_RECIPES for m in BENCH_METHODS
+                                       if m != DYNAMIC_METHOD) + (DYNAMIC_METHOD,)
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +38,22 @@ def render(out: Path, cells: Path, settings: AccuracySettings) -> list[dict[str,
 
 
 def _versions() -> dict[tuple[str, str], dict[str, str]]:
-    """Each (model, evaluation set)'s current version digests ({"baselines": float and
-    baseline cells', "esc": ESC cells', "dynamic": dynamic-activation cells'}); a pair whose
+    """Each (model, evaluation set)'s current version digest per key kind
+    (esc_ao.bench.cells.KEY_KINDS); a pair whose
     key cannot be computed here (a TTS engine missing) is left out with a warning: its cells
     are neither shown nor judged."""
     versions = {}
     for model in MODELS:
         for eval_set in MODEL_EVAL_SETS[model]:
             try:
-                versions[(model, eval_set)] = {"baselines": cellkeys.code_version(model, "max", eval_set),
-                                               "esc": cellkeys.code_version(model, "esc", eval_set),
-                                               DYNAMIC_METHOD: cellkeys.code_version(model, DYNAMIC_METHOD, eval_set)}
+                versions[(model, eval_set)] = {kind: cellkeys.code_version(model, kind, eval_set) for kind in KEY_KINDS}
             except (ImportError, OSError, RuntimeError) as exc:  # a missing TTS engine, weights package or module
                 log.warning("%s on %s: its cells are left out of the table (%s)", model, eval_set, exc)
     return versions
 
 
 def _version(versions: dict[str, str], method: str) -> str:
-    return versions[method if method in ("esc", DYNAMIC_METHOD) else "baselines"]
+    return versions[key_kind(method)]
 
 
 def stale_cells(cells: Path, versions: dict[tuple[str, str], dict[str, str]] | None = None) -> list[Path]:
@@ -68,7 +72,7 @@ def _collect(cells: Path, settings: AccuracySettings,
     model: float first, then bits x methods; evaluation sets real first)."""
     rows = []
     for (model, eval_set), current in versions.items():
-        for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in BENCH_METHODS]:
+        for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in TABLE_METHODS]:
             path = cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method))
             if path.exists():
                 rows.append(json.loads(path.read_text()))
@@ -97,7 +101,7 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
              "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
              "|---|---|" + "---|" * len(sets) + "---|"]
     by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
-    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in BENCH_METHODS]:
+    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in TABLE_METHODS]:
         cols = [by.get((e, method, bits)) for e in sets]
         if not any(cols):
             continue
@@ -123,6 +127,9 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
              "(WER: utterance bootstrap; accuracy: Wilson). Calibration methods: full integer quantization "
              "(EscQuantizer, reference target). "
+             "Recipe suffixes (esc_ao.recipe): +r16, the residual stream (every add a LayerNorm reads, and "
+             "those LayerNorms' inputs) on a 16-bit integer grid; +sq, SmoothQuant-style smoothing of every "
+             "LayerNorm -> linear site, alpha per site from calibration data. "
              "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
              "asymmetric) on the linears only (W8A8: int8 weights per channel; W4A8: int4 weights in groups of 32, "
              "per channel where the input width is not a multiple of 32); convolutions, attention, LayerNorm and "
@@ -156,7 +163,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     xs = list(BITS)
     for ax, (model, eval_set) in zip(axes.flat, models):
         mrows = [r for r in rows if r["model"] == model and r["eval_set"] == eval_set]
-        for method in BENCH_METHODS:
+        for method in TABLE_METHODS:
             pts = [(xs.index(r["bits"]), 100 * r["value"]) for r in mrows if r["method"] == method]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=method)

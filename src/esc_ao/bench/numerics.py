@@ -20,6 +20,8 @@ Parts and the code each one stands for:
 - ``dynamic``: the dynamic-activation rows' quantization (bench/dynamic.py: torchao's
   config and what it is applied to); their cells are keyed by it instead of
   ``quantization``, whose observers and quantizer they do not use;
+- ``recipes``: what a recipe suffix adds (esc_ao.recipe, esc_ao.transforms, the
+  residual-stream precision of the quantizer); only cells of methods with a suffix;
 - ``benchmark``: calibration sampling, hold-out split, metrics and their intervals,
   features, quantize_task (bench/accuracy.py, bench/tasks.py, metrics.py,
   speech/features.py);
@@ -39,6 +41,7 @@ NUMERICS: dict[str, int] = {
     "quantization": 1,
     "search": 1,
     "dynamic": 1,
+    "recipes": 1,
     "benchmark": 1,
     "whisper": 1,
     "conformer-ctc": 1,
@@ -55,8 +58,10 @@ def model_parts(model: str, method: str) -> dict[str, int]:
     a model's own task part only for that model."""
     if model not in _MODEL_PART:
         raise ValueError(f"model {model!r} has no numerics part: use one of {', '.join(_MODEL_PART)}")
-    names = ["dynamic" if method == "dynamic" else "quantization", "benchmark", _MODEL_PART[model]]
-    names += ["search"] if method == "esc" else []
+    base, _, flags = method.partition("+")
+    names = ["dynamic" if base == "dynamic" else "quantization", "benchmark", _MODEL_PART[model]]
+    names += ["search"] if base == "esc" else []
+    names += ["recipes"] if flags else []
     return {n: NUMERICS[n] for n in sorted(names)}
 
 
@@ -143,6 +148,53 @@ def _dynamic() -> dict[str, Any]:
     return figures
 
 
+def _recipes() -> dict[str, Any]:
+    """Output SQNR of a seeded pre-LayerNorm stack with an outlier channel in its residual
+    stream (as Whisper's), W8A8 MSE, under each recipe; and the alphas smoothing picks."""
+    import torch
+    from torch import nn
+
+    from esc_ao import convert, export_model, observe, prepare
+    from esc_ao.config import QuantConfig
+    from esc_ao.recipe import split_method
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.blocks, self.ln = nn.Linear(8, 16), nn.Sequential(Block(), Block()), nn.LayerNorm(16)
+            with torch.no_grad():
+                self.embed.bias[0] = 300.0
+                for ln in (self.blocks[0].ln, self.blocks[1].ln, self.ln):
+                    ln.weight[0], ln.weight[5] = 0.01, 25.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.blocks(self.embed(x)))
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 10, 8, generator=gen),) for _ in range(3)]
+    figures: dict[str, Any] = {}
+    config = QuantConfig(method="mse")
+    for method in ("mse", "mse+r16", "mse+sq", "mse+r16+sq"):
+        _, recipe = split_method(method)
+        gm = export_model(model, batches[0])
+        records = recipe.transform(gm, batches, config)
+        prepared = prepare(gm, recipe.quantizer(config))
+        observe(prepared, batches)
+        figures[f"{method}-sqnr_db"] = _sqnr(model, convert(prepared), batches)
+        figures[f"{method}-smoothed"] = [r.detail.split(";")[0] for r in records if r.applied]
+    return figures
+
+
 def _benchmark() -> dict[str, Any]:
     from esc_ao.bench.tasks import calibration_sample, holdout_split
     from esc_ao.metrics import accuracy, wer
@@ -191,7 +243,8 @@ def _trained(name: str) -> dict[str, Any]:
 
 
 _FIGURES: dict[str, Callable[[], dict[str, Any]]] = {
-    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "benchmark": _benchmark,
+    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "recipes": _recipes,
+    "benchmark": _benchmark,
     "whisper": _whisper, "conformer-ctc": lambda: _trained("conformer-ctc"), "ast": lambda: _trained("ast"),
 }
 

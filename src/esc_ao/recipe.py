@@ -1,0 +1,77 @@
+"""A quantization recipe: what is done around calibration. Float-exact transforms of the
+exported graph before annotation (esc_ao.transforms) and how the residual stream is held
+(EscQuantizer's ``residual``). Written as a suffix of a calibration method in the
+benchmark and the CLI, e.g. ``mse+r16+sq``:
+
+- ``+r16``: the residual stream on a 16-bit integer grid (reference target);
+- ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
+- ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch.fx import GraphModule
+
+from esc_ao.annotators import ResidualPrecision, Target
+from esc_ao.config import QuantConfig
+from esc_ao.pipeline import Batch
+from esc_ao.quantizer import EscQuantizer
+from esc_ao.transforms import TransformRecord, smooth
+
+__all__ = ["RECIPE_FLAGS", "Recipe", "split_method"]
+
+RECIPE_FLAGS: dict[str, str] = {
+    "r16": "residual stream on a 16-bit grid",
+    "rf": "residual stream in float",
+    "sq": "LayerNorm -> linear smoothing",
+}
+_RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
+SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``residual``: EscQuantizer's residual-stream precision; ``smooth``: apply
+    esc_ao.transforms.smooth before annotation."""
+
+    residual: ResidualPrecision = "int8"
+    smooth: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """``+r16+sq`` style; empty for the plain recipe."""
+        flags = [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else [])
+        return "".join(f"+{f}" for f in flags)
+
+    def describe(self) -> str:
+        parts = [RECIPE_FLAGS[f] for f in self.suffix.split("+") if f]
+        return ", ".join(parts) or "plain (int8 residual stream, no transforms)"
+
+    def transform(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig) -> list[TransformRecord]:
+        """Rewrites ``gm`` in place (before prepare); returns what each transform did."""
+        if not self.smooth:
+            return []
+        return smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits, weight_bits=config.weight_bits)
+
+    def quantizer(self, config: QuantConfig, target: Target = "reference") -> EscQuantizer:
+        return EscQuantizer(config, target=target, residual=self.residual)
+
+
+def split_method(method: str) -> tuple[str, Recipe]:
+    """``"mse+r16+sq"`` -> ``("mse", Recipe(residual="int16", smooth=True))``.
+
+    Raises:
+        ValueError: naming an unknown flag, a repeated one, or both residual flags.
+    """
+    base, *flags = method.split("+")
+    unknown = [f for f in flags if f not in RECIPE_FLAGS]
+    if unknown:
+        raise ValueError(f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
+                         + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items()))
+    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
+        raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
+    residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
+    return base, Recipe(residual=residual, smooth="sq" in flags)
