@@ -126,11 +126,10 @@ def xnnpack_skip_reason(role: Role) -> str | None:
 
 
 def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "reference",
-                  wide: frozenset[Node] = frozenset(), float_output: bool = False) -> bool:
+                  wide: frozenset[Node] = frozenset(), unquantized: frozenset[Node] = frozenset()) -> bool:
     """Writes the quantization annotation of one node; returns False when the node has
     nothing to quantize (e.g. a mul by a scalar). ``wide``: inputs read on the 16-bit grid
-    (the residual stream); ``float_output``: leave the output float where the target
-    would quantize it (a weighted op writing into a float residual stream)."""
+    (an int16 residual stream); ``unquantized``: inputs read as they are (a float one)."""
     if not _is_float_tensor(node):
         return False
     act = specs.activation
@@ -145,7 +144,7 @@ def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "refere
         x, w = node.args[0], node.args[1]
         if not (isinstance(x, Node) and isinstance(w, Node)):
             return False
-        inputs, output = {x: grid(x), w: specs.weight}, (act if xnn and not float_output else None)
+        inputs, output = {x: grid(x), w: specs.weight}, (act if xnn else None)
     elif role in ("binary", "matmul"):
         tensors = float_tensor_inputs(node)
         if len(tensors) < 2:
@@ -161,6 +160,7 @@ def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "refere
         if not isinstance(x, Node) or not _is_float_tensor(x):
             return False
         inputs, output = {x: act}, SharedQuantizationSpec((x, node))
+    inputs = {x: spec for x, spec in inputs.items() if x not in unquantized}
     node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
         input_qspec_map=inputs, output_qspec=output, _annotated=True
     )

@@ -11,11 +11,12 @@ from typing import Sequence
 
 import torch
 
-from esc_ao.annotators import TARGETS
+from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.objectives import objective_by_name
 from esc_ao.job import JobInputs, quantize_job, whisper_default
+from esc_ao.recipe import Recipe
 
 __all__ = ["main"]
 
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="xnnpack (default): the ops XNNPACK runs as int8 kernels, int8 in and out; "
                         "reference: the paper's full integer model (attention matmuls too)")
     q.add_argument("--no-pte", action="store_true", help="skip the ExecuTorch .pte (write model.pt2 only)")
+    r = q.add_argument_group("recipe (esc_ao.recipe)")
+    r.add_argument("--residual", default=None, choices=RESIDUAL_PRECISIONS,
+                   help="the residual stream's precision: int16 (reference target), float, or int8; default: "
+                        "int16 on the reference target, float on xnnpack")
+    r.add_argument("--no-smooth", action="store_true",
+                   help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)")
     e = q.add_argument_group("ESC search (--method esc)")
     e.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                    help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)")
@@ -130,13 +137,18 @@ def _quantize(args: argparse.Namespace) -> int:
     search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
     # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
     driver = os.environ.get("RANK", "0") == "0"
+    residual = args.residual or ("int16" if args.target == "reference" else "float")
+    if residual == "int16" and args.target == "xnnpack":
+        raise SystemExit("--residual int16 needs 16-bit integer kernels, which --target xnnpack lacks: "
+                         "use --residual float (or --target reference)")
+    recipe = Recipe(residual=residual, smooth=not args.no_smooth)
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
                           checkpoint=args.checkpoint if driver else None, target=args.target,
-                          write_pte=not args.no_pte)
+                          write_pte=not args.no_pte, recipe=recipe)
     if not driver:
         return 0
-    print(f"{report['model']} {config.label} {config.method}: output SQNR {report['output_sqnr_db']:.2f} dB "
+    print(f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): output SQNR {report['output_sqnr_db']:.2f} dB "
           f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json"
           f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)")
     return 0

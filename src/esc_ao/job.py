@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +19,7 @@ from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch, as_batches, convert, export_model, observe, prepare, save_program
-from esc_ao.quantizer import EscQuantizer
+from esc_ao.recipe import Recipe
 from esc_ao.report import (
     layer_sqnr,
     observer_stats,
@@ -79,6 +79,7 @@ def quantize_job(
     checkpoint: Path | None = None,
     target: str = "reference",
     write_pte: bool = False,
+    recipe: Recipe = Recipe(),
 ) -> dict[str, Any]:
     """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
     and ``report.md`` into ``out_dir`` (nothing is written when it is None), and with
@@ -92,12 +93,15 @@ def quantize_job(
         search, objective, checkpoint: ESC's search settings (method "esc" only; default
             SearchConfig()), its objective (default output MSE) and checkpoint file.
         target: EscQuantizer's target ("reference" or "xnnpack", see esc_ao.annotators).
+        recipe: transforms applied to the exported graph before annotation, and the
+            residual stream's precision (esc_ao.recipe).
     """
     t0 = time.perf_counter()
     calibration = as_batches(inputs.calibration)
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
     gm = graph if graph is not None else export_model(inputs.model, calibration[0])
-    quantizer = EscQuantizer(config, target=target)
+    transforms = recipe.transform(gm, calibration, config)
+    quantizer = recipe.quantizer(config, target=target)  # type: ignore[arg-type]
     for name in keep_float:
         quantizer.set_module_name(name, None)
     prepared = prepare(gm, quantizer)
@@ -116,6 +120,9 @@ def quantize_job(
         "config": {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "method": config.method,
                    "act_symmetric": config.act_symmetric, "label": config.label},
         "target": target,
+        "recipe": {"suffix": recipe.suffix, "residual": recipe.residual, "smooth": recipe.smooth,
+                   "description": recipe.describe()},
+        "transforms": [asdict(r) for r in transforms],
         "keep_float": list(keep_float),
         "calibration_batches": len(calibration),
         "heldout_batches": len(heldout),
@@ -168,6 +175,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
         f"- kept float: {', '.join(report['keep_float']) or 'nothing'}; annotation target: "
         f"{report.get('target', 'reference')}",
+        f"- recipe: {report['recipe']['description']}"
+        + (f"; smoothed {sum(t['applied'] for t in report['transforms'])} of {len(report['transforms'])} "
+           "LayerNorm sites (table below)" if report["transforms"] else ""),
         f"- calibration time: {report['calibration_seconds']:.1f} s",
     ]
     pte = report.get("executorch")
@@ -185,6 +195,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "![ESC convergence](convergence.png)",
         ]
+    if report["transforms"]:
+        lines += ["", "## Transforms", "", "| node | transform | applied | detail |", "|---|---|---|---|"]
+        lines += [f"| {t['node']} | {t['transform']} | {'yes' if t['applied'] else 'no'} | {t['detail']} |"
+                  for t in report["transforms"]]
     lines += [
         "",
         "## Layers (SQNR of each op's output, quantized vs float, first held-out batch)",

@@ -215,10 +215,11 @@ class EscQuantizer(Quantizer):
         residual = node in self._residual
         if residual and self.residual == "float":
             return AnnotationRecord(node.name, op, module, False, "float", "residual stream kept float (residual='float')")
-        wide = frozenset(float_tensor_inputs(node) if residual else
-                         (a for a in node.args if isinstance(a, Node) and a in self._residual))
-        writes_float = self.residual == "float" and any(u in self._residual for u in node.users)
-        if not annotate_node(node, role, self.specs(config), self.target, wide, writes_float):
+        stream = frozenset(float_tensor_inputs(node) if residual else
+                           (a for a in node.args if isinstance(a, Node) and a in self._residual))
+        wide = stream if self.residual == "int16" else frozenset()
+        unquantized = stream if self.residual == "float" else frozenset()
+        if not annotate_node(node, role, self.specs(config), self.target, wide, unquantized):
             return AnnotationRecord(node.name, op, module, False, "float",
                                     "fewer than two tensor operands (scalar operand folds into the scale)")
         detail = {"weighted": "per-channel weight, per-tensor input",
@@ -227,8 +228,6 @@ class EscQuantizer(Quantizer):
         if self.target == "xnnpack":
             detail = {"weighted": "per-channel weight, per-tensor input and output",
                       "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
-        if writes_float:
-            detail += ", float output into the float residual stream"
         if wide:
             detail += ", residual stream on a 16-bit grid"
         return AnnotationRecord(node.name, op, module, True, config.label,
