@@ -125,3 +125,35 @@ def test_bad_override_names_are_refused() -> None:
         EscQuantizer().set_module_name("", None)
     with pytest.raises(TypeError, match="class or its qualified name"):
         EscQuantizer().set_module_type(3, None)  # type: ignore[arg-type]
+
+
+class _Head(nn.Module):
+    """Attention block, then a linear whose output leaves the graph (through a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = Attention(), nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).reshape(x.shape[0], -1)
+
+
+def test_xnnpack_graph_outputs_stay_float_and_their_linear_runs_dynamic_int8() -> None:
+    torch.manual_seed(0)
+    model, batch = _Head().eval(), (torch.randn(2, 5, 16),)
+    quantizer = EscQuantizer(QuantConfig(), target="xnnpack")
+    prepared = prepare(export_model(model, batch), quantizer)
+    observe(prepared, [batch])
+    converted = convert(prepared)
+    head = next(n for n in converted.graph.nodes if n.target == aten.linear.default
+                and "head" in str(n.meta.get("nn_module_stack", {})))
+    # the input is quantized with parameters chosen at run time, the output is not quantized
+    assert "tensor" in str(head.args[0].target) and "dequantize" in str(head.args[0].target)
+    assert all("quantize" not in str(u.target) for u in head.users)
+    row = next(r for r in quantizer.records() if r.module == "head")
+    assert row.quantized and "dynamic int8 input, float output" in row.reason
+    # the reference target quantizes nothing on the way out: no dynamic quantization there
+    ref = prepare(export_model(model, batch), EscQuantizer(QuantConfig()))
+    assert not any("dynamic" in r.reason for r in EscQuantizer(QuantConfig()).records())
+    observe(ref, [batch])
+    assert not any("choose_qparams" in str(n.target) for n in convert(ref).graph.nodes)

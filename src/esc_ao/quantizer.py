@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.observer import PlaceholderObserver
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from esc_ao.annotators import (
@@ -29,6 +30,7 @@ from esc_ao.annotators import (
     Specs,
     Target,
     annotate_node,
+    graph_outputs,
     is_annotated,
     residual_adds,
     xnnpack_skip_reason,
@@ -129,6 +131,7 @@ class EscQuantizer(Quantizer):
         self.target: Target = target
         self.residual: ResidualPrecision = residual
         self._residual: set[Node] = set()
+        self._outputs: set[Node] = set()
         self.global_config: QuantConfig | None = config if config is not None else QuantConfig()
         self.module_name_config: dict[str, QuantConfig | None] = {}
         self.module_type_config: dict[str, QuantConfig | None] = {}
@@ -180,6 +183,7 @@ class EscQuantizer(Quantizer):
     def annotate(self, model: GraphModule) -> GraphModule:
         self._records = []
         self._residual = residual_adds(model.graph.nodes) if self.residual != "int8" else set()
+        self._outputs = graph_outputs(model.graph.nodes) if self.target == "xnnpack" else set()
         # Reverse order: a passthrough node is annotated only if a consumer already is.
         for node in reversed(list(model.graph.nodes)):
             if node.op != "call_function":
@@ -219,9 +223,11 @@ class EscQuantizer(Quantizer):
                            (a for a in node.args if isinstance(a, Node) and a in self._residual))
         wide = stream if self.residual == "int16" else frozenset()
         unquantized = stream if self.residual == "float" else frozenset()
-        if not annotate_node(node, role, self.specs(config), self.target, wide, unquantized):
+        is_output = node in self._outputs
+        if not annotate_node(node, role, self.specs(config), self.target, wide, unquantized, is_output):
             return AnnotationRecord(node.name, op, module, False, "float",
-                                    "fewer than two tensor operands (scalar operand folds into the scale)")
+                                    "a graph output: kept float (quantizing it would only round it)" if is_output
+                                    else "fewer than two tensor operands (scalar operand folds into the scale)")
         detail = {"weighted": "per-channel weight, per-tensor input",
                   "binary": "per-tensor inputs", "matmul": "per-tensor inputs",
                   "norm": "per-tensor input and output"}[role]
@@ -230,6 +236,8 @@ class EscQuantizer(Quantizer):
                       "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
         if wide:
             detail += ", residual stream on a 16-bit grid"
+        if is_output:
+            detail = "per-channel weight, dynamic int8 input, float output (a graph output)"
         return AnnotationRecord(node.name, op, module, True, config.label,
                                 f"{config.method} calibration, {detail} ({source})")
 
@@ -289,6 +297,16 @@ def _build_specs(config: QuantConfig) -> Specs:
         qscheme=act.qscheme,
         observer_or_fake_quant_ctr=act.observer_or_fake_quant_ctr,
     )
+    # XNNPACK's dynamic int8 GEMM input: per-tensor affine, parameters chosen at run time
+    # (the spec ExecuTorch's XNNPACKQuantizer uses for its dynamic configs).
+    dynamic = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=True,
+        observer_or_fake_quant_ctr=PlaceholderObserver.with_args(eps=2**-12),
+    )
     wmin, wmax = qrange(config.weight_bits, weight=True)
     weight = QuantizationSpec(
         dtype=torch.int8,
@@ -298,4 +316,4 @@ def _build_specs(config: QuantConfig) -> Specs:
         ch_axis=0,
         observer_or_fake_quant_ctr=PerChannelWeightObserver,
     )
-    return Specs(activation=act, weight=weight, wide=wide)
+    return Specs(activation=act, weight=weight, wide=wide, dynamic=dynamic)
