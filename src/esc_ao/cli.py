@@ -141,11 +141,11 @@ def _quantize(args: argparse.Namespace) -> int:
     if residual == "int16" and args.target == "xnnpack":
         raise SystemExit("--residual int16 needs 16-bit integer kernels, which --target xnnpack lacks: "
                          "use --residual float (or --target reference)")
-    recipe = Recipe(residual=residual, smooth=not args.no_smooth)
+    recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth)
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
-                          checkpoint=args.checkpoint if driver else None, target=args.target,
-                          write_pte=not args.no_pte, recipe=recipe)
+                          checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,
+                          recipe=recipe)
     if not driver:
         return 0
     print(f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): output SQNR {report['output_sqnr_db']:.2f} dB "

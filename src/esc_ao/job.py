@@ -77,7 +77,6 @@ def quantize_job(
     search: SearchConfig | None = None,
     objective: Objective | None = None,
     checkpoint: Path | None = None,
-    target: str = "reference",
     write_pte: bool = False,
     recipe: Recipe = Recipe(),
 ) -> dict[str, Any]:
@@ -92,8 +91,8 @@ def quantize_job(
             ``inputs.model`` when None.
         search, objective, checkpoint: ESC's search settings (method "esc" only; default
             SearchConfig()), its objective (default output MSE) and checkpoint file.
-        target: EscQuantizer's target ("reference" or "xnnpack", see esc_ao.annotators).
-        recipe: transforms applied to the exported graph before annotation, and the
+        recipe: EscQuantizer's target ("reference" or "xnnpack", see esc_ao.annotators),
+            the transforms applied to the exported graph before annotation and the
             residual stream's precision (esc_ao.recipe).
     """
     t0 = time.perf_counter()
@@ -101,7 +100,7 @@ def quantize_job(
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
     gm = graph if graph is not None else export_model(inputs.model, calibration[0])
     transforms = recipe.transform(gm, calibration, config)
-    quantizer = recipe.quantizer(config, target=target)  # type: ignore[arg-type]
+    quantizer = recipe.quantizer(config)
     for name in keep_float:
         quantizer.set_module_name(name, None)
     prepared = prepare(gm, quantizer)
@@ -119,7 +118,7 @@ def quantize_job(
         "model": inputs.name,
         "config": {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "method": config.method,
                    "act_symmetric": config.act_symmetric, "label": config.label},
-        "target": target,
+        "target": recipe.target,
         "recipe": {"suffix": recipe.suffix, "residual": recipe.residual, "smooth": recipe.smooth,
                    "description": recipe.describe()},
         "transforms": [asdict(r) for r in transforms],

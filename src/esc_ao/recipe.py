@@ -1,8 +1,10 @@
-"""A quantization recipe: what is done around calibration. Float-exact transforms of the
-exported graph before annotation (esc_ao.transforms) and how the residual stream is held
-(EscQuantizer's ``residual``). Written as a suffix of a calibration method in the
-benchmark and the CLI, e.g. ``mse+r16+sq``:
+"""A quantization recipe: what is done around calibration. The annotation target,
+float-exact transforms of the exported graph before annotation (esc_ao.transforms) and how
+the residual stream is held (EscQuantizer's ``residual``). Written as a suffix of a
+calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
 
+- ``+xnn``: the XNNPACK target (what ExecuTorch's XNNPACK delegate runs as int8 kernels;
+  default: the reference target, full integer);
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
 - ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site.
@@ -24,6 +26,7 @@ from esc_ao.transforms import TransformRecord, smooth
 __all__ = ["RECIPE_FLAGS", "Recipe", "split_method"]
 
 RECIPE_FLAGS: dict[str, str] = {
+    "xnn": "XNNPACK target",
     "r16": "residual stream on a 16-bit grid",
     "rf": "residual stream in float",
     "sq": "LayerNorm -> linear smoothing",
@@ -34,21 +37,28 @@ SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
 
 @dataclass(frozen=True)
 class Recipe:
-    """``residual``: EscQuantizer's residual-stream precision; ``smooth``: apply
-    esc_ao.transforms.smooth before annotation."""
+    """``target``: EscQuantizer's target; ``residual``: its residual-stream precision;
+    ``smooth``: apply esc_ao.transforms.smooth before annotation."""
 
+    target: Target = "reference"
     residual: ResidualPrecision = "int8"
     smooth: bool = False
+
+    def __post_init__(self) -> None:
+        # the same check EscQuantizer makes, at the place the recipe is written
+        if self.residual == "int16" and self.target == "xnnpack":
+            raise ValueError("recipe +xnn+r16: XNNPACK has no 16-bit kernels; use +xnn+rf (float residual stream)")
 
     @property
     def suffix(self) -> str:
         """``+r16+sq`` style; empty for the plain recipe."""
-        flags = [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else [])
+        flags = (["xnn"] if self.target == "xnnpack" else []) + \
+            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else [])
         return "".join(f"+{f}" for f in flags)
 
     def describe(self) -> str:
         parts = [RECIPE_FLAGS[f] for f in self.suffix.split("+") if f]
-        return ", ".join(parts) or "plain (int8 residual stream, no transforms)"
+        return ", ".join(parts) or "plain (reference target, int8 residual stream, no transforms)"
 
     def transform(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig) -> list[TransformRecord]:
         """Rewrites ``gm`` in place (before prepare); returns what each transform did."""
@@ -56,8 +66,8 @@ class Recipe:
             return []
         return smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits, weight_bits=config.weight_bits)
 
-    def quantizer(self, config: QuantConfig, target: Target = "reference") -> EscQuantizer:
-        return EscQuantizer(config, target=target, residual=self.residual)
+    def quantizer(self, config: QuantConfig) -> EscQuantizer:
+        return EscQuantizer(config, target=self.target, residual=self.residual)
 
 
 def split_method(method: str) -> tuple[str, Recipe]:
@@ -74,4 +84,4 @@ def split_method(method: str) -> tuple[str, Recipe]:
     if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
         raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
-    return base, Recipe(residual=residual, smooth="sq" in flags)
+    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags)

@@ -9,8 +9,8 @@ ESC's search settings, declared numerics versions, packages, weights, data); a c
 table is built over several runs and an interrupted run loses at most the cell in flight.
 After every cell the outputs are rewritten (esc_ao.bench.accuracy_table).
 
-Quantized graphs are EscQuantizer(target="reference"): full integer quantization (linear,
-conv, attention matmuls, residual adds, LayerNorm in/out), evaluated as the converted
+Quantized graphs are EscQuantizer(target="reference") unless a recipe says +xnn: full
+integer quantization (linear, conv, attention matmuls, residual adds, LayerNorm in/out), evaluated as the converted
 reference graph (integer grids, float arithmetic between them), made fast to run by
 esc_ao.eval_graph.for_evaluation (bit-identical outputs).
 
@@ -84,7 +84,7 @@ def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
             exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
         graph = copy.deepcopy(exported[part.name])
         transforms += [{"part": part.name, **dataclasses.asdict(r)} for r in recipe.transform(graph, batches, config)]
-        prepared = prepare(graph, recipe.quantizer(config, target="reference"))
+        prepared = prepare(graph, recipe.quantizer(config))
         observe(prepared, batches)
         if config.method == "esc":
             esc.append(_search_part(prepared, batches, part, converted,

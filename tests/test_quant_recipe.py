@@ -1,0 +1,53 @@
+"""Quantization recipes (esc_ao.recipe): method suffixes parse to the recipe they name,
+print back to the same suffix, and refuse what cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from esc_ao import QuantConfig, export_model
+from esc_ao.recipe import Recipe, split_method
+
+
+@given(xnn=st.booleans(), residual=st.sampled_from(["", "r16", "rf"]), sq=st.booleans(),
+       base=st.sampled_from(["max", "mse", "esc"]))
+def test_suffix_round_trips(xnn: bool, residual: str, sq: bool, base: str) -> None:
+    if xnn and residual == "r16":
+        return  # refused: see below
+    flags = (["xnn"] if xnn else []) + ([residual] if residual else []) + (["sq"] if sq else [])
+    method = base + "".join(f"+{f}" for f in flags)
+    got_base, recipe = split_method(method)
+    assert got_base == base and base + recipe.suffix == method
+    assert recipe.target == ("xnnpack" if xnn else "reference") and recipe.smooth == sq
+    assert recipe.residual == {"": "int8", "r16": "int16", "rf": "float"}[residual]
+    quantizer = recipe.quantizer(QuantConfig())
+    assert (quantizer.target, quantizer.residual) == (recipe.target, recipe.residual)
+
+
+def test_plain_method_is_the_plain_recipe() -> None:
+    assert split_method("mse") == ("mse", Recipe())
+    assert Recipe().suffix == "" and "plain" in Recipe().describe()
+
+
+@pytest.mark.parametrize("method, message", [
+    ("mse+gptq", r"unknown recipe flag\(s\) gptq"),
+    ("mse+sq+sq", "each flag at most once"),
+    ("mse+r16+rf", "one residual flag"),
+    ("mse+xnn+r16", "XNNPACK has no 16-bit kernels"),
+])
+def test_bad_suffixes_are_refused_with_the_fix(method: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        split_method(method)
+
+
+def test_transform_runs_only_the_recipes_transforms() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    batches = [(torch.randn(2, 3, 8),)]
+    assert Recipe().transform(export_model(model, batches[0]), batches, QuantConfig()) == []
+    records = Recipe(smooth=True).transform(export_model(model, batches[0]), batches, QuantConfig())
+    assert len(records) == 1 and records[0].transform == "smooth"
