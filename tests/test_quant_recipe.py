@@ -13,16 +13,17 @@ from esc_ao import QuantConfig, export_model
 from esc_ao.recipe import Recipe, split_method
 
 
-@given(xnn=st.booleans(), residual=st.sampled_from(["", "r16", "rf"]), sq=st.booleans(),
+@given(xnn=st.booleans(), residual=st.sampled_from(["", "r16", "rf"]), sq=st.booleans(), gptq=st.booleans(),
        base=st.sampled_from(["max", "mse", "esc"]))
-def test_suffix_round_trips(xnn: bool, residual: str, sq: bool, base: str) -> None:
+def test_suffix_round_trips(xnn: bool, residual: str, sq: bool, gptq: bool, base: str) -> None:
     if xnn and residual == "r16":
         return  # refused: see below
-    flags = (["xnn"] if xnn else []) + ([residual] if residual else []) + (["sq"] if sq else [])
+    flags = (["xnn"] if xnn else []) + ([residual] if residual else []) + (["sq"] if sq else []) + \
+        (["gptq"] if gptq else [])
     method = base + "".join(f"+{f}" for f in flags)
     got_base, recipe = split_method(method)
     assert got_base == base and base + recipe.suffix == method
-    assert recipe.target == ("xnnpack" if xnn else "reference") and recipe.smooth == sq
+    assert recipe.target == ("xnnpack" if xnn else "reference") and (recipe.smooth, recipe.gptq) == (sq, gptq)
     assert recipe.residual == {"": "int8", "r16": "int16", "rf": "float"}[residual]
     quantizer = recipe.quantizer(QuantConfig())
     assert (quantizer.target, quantizer.residual) == (recipe.target, recipe.residual)
@@ -34,7 +35,7 @@ def test_plain_method_is_the_plain_recipe() -> None:
 
 
 @pytest.mark.parametrize("method, message", [
-    ("mse+gptq", r"unknown recipe flag\(s\) gptq"),
+    ("mse+awq", r"unknown recipe flag\(s\) awq"),
     ("mse+sq+sq", "each flag at most once"),
     ("mse+r16+rf", "one residual flag"),
     ("mse+xnn+r16", "XNNPACK has no 16-bit kernels"),

@@ -152,3 +152,61 @@ def test_smoothing_is_exact_on_every_supported_model(name: str) -> None:
     if name != "wav2vec2":  # its post-LayerNorm blocks feed the residual add: skipped, said so
         assert any(r.applied for r in records)
     assert all(r.detail for r in records)
+
+
+def _gptq_setup() -> tuple[nn.Module, list[tuple]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    mix = torch.randn(32, 32)  # correlated input channels: where GPTQ's error spreading pays
+    return model, [(torch.randn(1, 40, 32) @ mix * 0.3,) for _ in range(6)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_weights_lie_on_the_grid_the_observer_finds(bits: int) -> None:
+    from esc_ao.transforms import gptq
+
+    model, batches = _gptq_setup()
+    gm = export_model(model, batches[0])
+    records = gptq(gm, batches, bits)
+    assert [r.applied for r in records] == [True, True]
+    rounded = {n: p.detach().clone() for n, p in gm.named_parameters() if n.endswith("weight")}
+    prepared = prepare(gm, EscQuantizer(QuantConfig(weight_bits=bits, act_bits=8, method="max")))
+    observe(prepared, batches)
+    converted = convert(prepared)
+    dequantized = [n for n in converted.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(dequantized) == 2
+    with torch.no_grad():
+        for dq, want in zip(dequantized, rounded.values()):
+            got = dq.target(*[converted.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a
+                              for a in dq.args])
+            # convert's integers are GPTQ's: dequantized weights equal the rounded ones
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_gptq_beats_round_to_nearest_at_4_bits_and_says_by_how_much() -> None:
+    from esc_ao.transforms import gptq
+
+    model, batches = _gptq_setup()
+
+    def sqnr(transform: bool) -> float:
+        gm = export_model(model, batches[0])
+        if transform:
+            records = gptq(gm, batches, 4)
+            assert all("of round-to-nearest" in r.detail for r in records)
+        prepared = prepare(gm, EscQuantizer(QuantConfig(weight_bits=4, act_bits=8, method="mse")))
+        observe(prepared, batches)
+        return output_sqnr(model, convert(prepared), batches)
+
+    assert sqnr(True) > sqnr(False) + 1.0
+
+
+def test_gptq_skips_tied_weights_and_needs_data() -> None:
+    from esc_ao.transforms import gptq
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 6, 16),)]
+    gm = export_model(Mlp(tie=True).eval(), batches[0])
+    records = gptq(gm, batches, 4)
+    assert [r.applied for r in records] == [False, False] and all("tied" in r.detail for r in records)
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        gptq(gm, [], 4)

@@ -7,7 +7,8 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
   default: the reference target, full integer);
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
-- ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site.
+- ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site;
+- ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from esc_ao.annotators import ResidualPrecision, Target
 from esc_ao.config import QuantConfig
 from esc_ao.pipeline import Batch
 from esc_ao.quantizer import EscQuantizer
-from esc_ao.transforms import TransformRecord, smooth
+from esc_ao.transforms import TransformRecord, gptq, smooth
 
 __all__ = ["RECIPE_FLAGS", "Recipe", "split_method"]
 
@@ -30,19 +31,23 @@ RECIPE_FLAGS: dict[str, str] = {
     "r16": "residual stream on a 16-bit grid",
     "rf": "residual stream in float",
     "sq": "LayerNorm -> linear smoothing",
+    "gptq": "GPTQ weight rounding",
 }
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
 SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
+GPTQ_BATCHES = 32  # calibration batches GPTQ's Hessians are estimated on
 
 
 @dataclass(frozen=True)
 class Recipe:
     """``target``: EscQuantizer's target; ``residual``: its residual-stream precision;
-    ``smooth``: apply esc_ao.transforms.smooth before annotation."""
+    ``smooth``: apply esc_ao.transforms.smooth before annotation; ``gptq``: then
+    esc_ao.transforms.gptq at the config's weight bits."""
 
     target: Target = "reference"
     residual: ResidualPrecision = "int8"
     smooth: bool = False
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         # the same check EscQuantizer makes, at the place the recipe is written
@@ -53,7 +58,8 @@ class Recipe:
     def suffix(self) -> str:
         """``+r16+sq`` style; empty for the plain recipe."""
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
-            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else [])
+            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else []) + \
+            (["gptq"] if self.gptq else [])
         return "".join(f"+{f}" for f in flags)
 
     def describe(self) -> str:
@@ -62,9 +68,13 @@ class Recipe:
 
     def transform(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig) -> list[TransformRecord]:
         """Rewrites ``gm`` in place (before prepare); returns what each transform did."""
-        if not self.smooth:
-            return []
-        return smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits, weight_bits=config.weight_bits)
+        records: list[TransformRecord] = []
+        if self.smooth:
+            records += smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits,
+                              weight_bits=config.weight_bits)
+        if self.gptq:
+            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits)
+        return records
 
     def quantizer(self, config: QuantConfig) -> EscQuantizer:
         return EscQuantizer(config, target=self.target, residual=self.residual)
@@ -84,4 +94,5 @@ def split_method(method: str) -> tuple[str, Recipe]:
     if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
         raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
-    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags)
+    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags,
+                        gptq="gptq" in flags)

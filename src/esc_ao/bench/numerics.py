@@ -150,7 +150,8 @@ def _dynamic() -> dict[str, Any]:
 
 def _recipes() -> dict[str, Any]:
     """Output SQNR of a seeded pre-LayerNorm stack with an outlier channel in its residual
-    stream (as Whisper's), W8A8 MSE, under each recipe; and the alphas smoothing picks."""
+    stream (as Whisper's), MSE, under each recipe (W8A8; W4A8 with and without GPTQ); and
+    what each transform did."""
     import torch
     from torch import nn
 
@@ -183,15 +184,16 @@ def _recipes() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 10, 8, generator=gen),) for _ in range(3)]
     figures: dict[str, Any] = {}
-    config = QuantConfig(method="mse")
-    for method in ("mse", "mse+r16", "mse+sq", "mse+r16+sq"):
+    for method, config in [(m, QuantConfig(method="mse")) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")] + \
+            [(m, QuantConfig(method="mse", weight_bits=4)) for m in ("mse+r16+sq", "mse+r16+sq+gptq")]:
         _, recipe = split_method(method)
+        method = f"{method}-{config.label}" if config.weight_bits == 4 else method
         gm = export_model(model, batches[0])
         records = recipe.transform(gm, batches, config)
         prepared = prepare(gm, recipe.quantizer(config))
         observe(prepared, batches)
         figures[f"{method}-sqnr_db"] = _sqnr(model, convert(prepared), batches)
-        figures[f"{method}-smoothed"] = [r.detail.split(";")[0] for r in records if r.applied]
+        figures[f"{method}-transformed"] = [r.detail.split(";")[0] for r in records if r.applied]
     return figures
 
 

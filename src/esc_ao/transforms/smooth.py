@@ -32,7 +32,7 @@ from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
 from esc_ao.transforms.records import TransformRecord
 
-__all__ = ["SMOOTH_ALPHAS", "smooth"]
+__all__ = ["SMOOTH_ALPHAS", "replace_parameter", "shared_weight", "smooth"]
 
 aten = torch.ops.aten
 SMOOTH_ALPHAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -103,13 +103,15 @@ def _site(gm: GraphModule, norm: Node) -> tuple[_Site | None, str]:
             return None, f"{r.name}'s weight is not a parameter of the graph"
     weights = [resolve_attr(gm, r.args[1].target) for r in readers]
     for r, w in zip(readers, weights):
-        if _shared(gm, w, r.args[1]):
+        if shared_weight(gm, w, r.args[1]):
             return None, f"{r.name}'s weight is also used elsewhere (tied weights)"
     return _Site(norm, (str(w_node.target), str(b_node.target)), readers, [str(r.args[1].target) for r in readers],
                  weights), ""
 
 
-def _shared(gm: GraphModule, weight: torch.Tensor, node: Node) -> bool:
+def shared_weight(gm: GraphModule, weight: torch.Tensor, node: Node) -> bool:
+    """Whether the parameter a get_attr node reads is read elsewhere too (by another op,
+    or under another name, as a tied embedding and output projection are)."""
     if len(node.users) > 1:
         return True
     for other in gm.graph.nodes:
@@ -204,12 +206,14 @@ def _apply(gm: GraphModule, site: _Site, s: torch.Tensor) -> None:
     the model it was exported from, which must stay the float reference."""
     with torch.no_grad():
         for target in site.affine:
-            _replace(gm, target, resolve_attr(gm, target) / s)
+            replace_parameter(gm, target, resolve_attr(gm, target) / s)
         for target in site.weight_targets:
-            _replace(gm, target, resolve_attr(gm, target) * s)
+            replace_parameter(gm, target, resolve_attr(gm, target) * s)
 
 
-def _replace(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+def replace_parameter(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    """Sets the graph's parameter ``target`` to a new tensor (never in place: the exported
+    graph shares its parameters with the model it came from)."""
     owner, _, name = target.rpartition(".")
     module = resolve_attr(gm, owner) if owner else gm
     old = getattr(module, name)
