@@ -54,6 +54,9 @@ def test_differences_catch_a_moved_figure() -> None:
 def test_model_parts_key_only_what_decides_a_cell() -> None:
     assert model_parts("ast", "max") == {"ast": 1, "benchmark": 1, "quantization": 1}
     assert set(model_parts("whisper-base", "esc")) == {"whisper", "benchmark", "quantization", "search"}
+    assert set(model_parts("whisper-base", "mse+r16+sq")) == {"whisper", "benchmark", "quantization", "recipes"}
+    assert set(model_parts("ast", "esc+xnn+rf")) == {"ast", "benchmark", "quantization", "recipes", "search",
+                                                     "xnnpack"}
     with pytest.raises(ValueError, match="use one of"):
         model_parts("resnet", "max")
     with pytest.raises(ValueError, match="unknown: use one of quantization"):

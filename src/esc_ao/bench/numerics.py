@@ -22,6 +22,9 @@ Parts and the code each one stands for:
   ``quantization``, whose observers and quantizer they do not use;
 - ``recipes``: what a recipe suffix adds (esc_ao.recipe, esc_ao.transforms, the
   residual-stream precision of the quantizer); only cells of methods with a suffix;
+- ``xnnpack``: what the XNNPACK target annotates differently from the reference target
+  (outputs of integer ops, float attention matmuls, float graph outputs, dynamic int8
+  GEMMs writing a float residual stream); only cells with the ``+xnn`` recipe flag;
 - ``benchmark``: calibration sampling, hold-out split, metrics and their intervals,
   features, quantize_task (bench/accuracy.py, bench/tasks.py, metrics.py,
   speech/features.py);
@@ -42,6 +45,7 @@ NUMERICS: dict[str, int] = {
     "search": 1,
     "dynamic": 1,
     "recipes": 1,
+    "xnnpack": 1,
     "benchmark": 1,
     "whisper": 1,
     "conformer-ctc": 1,
@@ -62,6 +66,7 @@ def model_parts(model: str, method: str) -> dict[str, int]:
     names = ["dynamic" if base == "dynamic" else "quantization", "benchmark", _MODEL_PART[model]]
     names += ["search"] if base == "esc" else []
     names += ["recipes"] if flags else []
+    names += ["xnnpack"] if "xnn" in flags.split("+") else []
     return {n: NUMERICS[n] for n in sorted(names)}
 
 
@@ -148,16 +153,11 @@ def _dynamic() -> dict[str, Any]:
     return figures
 
 
-def _recipes() -> dict[str, Any]:
-    """Output SQNR of a seeded pre-LayerNorm stack with an outlier channel in its residual
-    stream (as Whisper's), MSE, under each recipe (W8A8; W4A8 with and without GPTQ); and
-    what each transform did."""
+def _stack_model():  # type: ignore[no-untyped-def]
+    """A seeded pre-LayerNorm stack with an outlier channel in its residual stream (as
+    Whisper's) and large LayerNorm gains, and three calibration batches."""
     import torch
     from torch import nn
-
-    from esc_ao import convert, export_model, observe, prepare
-    from esc_ao.config import QuantConfig
-    from esc_ao.recipe import split_method
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -171,30 +171,55 @@ def _recipes() -> dict[str, Any]:
         def __init__(self) -> None:
             super().__init__()
             self.embed, self.blocks, self.ln = nn.Linear(8, 16), nn.Sequential(Block(), Block()), nn.LayerNorm(16)
+            self.head = nn.Linear(16, 4)
             with torch.no_grad():
                 self.embed.bias[0] = 300.0
                 for ln in (self.blocks[0].ln, self.blocks[1].ln, self.ln):
                     ln.weight[0], ln.weight[5] = 0.01, 25.0
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.ln(self.blocks(self.embed(x)))
+            return self.head(self.ln(self.blocks(self.embed(x))))
 
     torch.manual_seed(0)
-    model = Stack().eval()
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(2, 10, 8, generator=gen),) for _ in range(3)]
+    return Stack().eval(), [(torch.randn(2, 10, 8, generator=gen),) for _ in range(3)]
+
+
+def _recipe_figures(methods: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Output SQNR of the stack under each (method with recipe suffix, config), and what
+    each transform did."""
+    from esc_ao import convert, export_model, observe, prepare
+    from esc_ao.recipe import split_method
+
+    model, batches = _stack_model()
     figures: dict[str, Any] = {}
-    for method, config in [(m, QuantConfig(method="mse")) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")] + \
-            [(m, QuantConfig(method="mse", weight_bits=4)) for m in ("mse+r16+sq", "mse+r16+sq+gptq")]:
+    for method, config in methods:
         _, recipe = split_method(method)
-        method = f"{method}-{config.label}" if config.weight_bits == 4 else method
+        name = f"{method}-{config.label}" if config.weight_bits == 4 else method
         gm = export_model(model, batches[0])
         records = recipe.transform(gm, batches, config)
         prepared = prepare(gm, recipe.quantizer(config))
         observe(prepared, batches)
-        figures[f"{method}-sqnr_db"] = _sqnr(model, convert(prepared), batches)
-        figures[f"{method}-transformed"] = [r.detail.split(";")[0] for r in records if r.applied]
+        figures[f"{name}-sqnr_db"] = _sqnr(model, convert(prepared), batches)
+        figures[f"{name}-transformed"] = [r.detail.split(";")[0] for r in records if r.applied]
     return figures
+
+
+def _recipes() -> dict[str, Any]:
+    """The reference-target recipes: W8A8 with and without the 16-bit stream and smoothing,
+    W4A8 with and without GPTQ."""
+    from esc_ao.config import QuantConfig
+
+    w8, w4 = QuantConfig(method="mse"), QuantConfig(method="mse", weight_bits=4)
+    return _recipe_figures([(m, w8) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")]
+                           + [(m, w4) for m in ("mse+r16+sq", "mse+r16+sq+gptq")])
+
+
+def _xnnpack() -> dict[str, Any]:
+    """The XNNPACK target's annotation, plain and with a float residual stream."""
+    from esc_ao.config import QuantConfig
+
+    return _recipe_figures([(m, QuantConfig(method="mse")) for m in ("mse+xnn", "mse+xnn+rf")])
 
 
 def _benchmark() -> dict[str, Any]:
@@ -245,7 +270,7 @@ def _trained(name: str) -> dict[str, Any]:
 
 
 _FIGURES: dict[str, Callable[[], dict[str, Any]]] = {
-    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "recipes": _recipes,
+    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "recipes": _recipes, "xnnpack": _xnnpack,
     "benchmark": _benchmark,
     "whisper": _whisper, "conformer-ctc": lambda: _trained("conformer-ctc"), "ast": lambda: _trained("ast"),
 }
