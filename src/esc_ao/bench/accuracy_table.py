@@ -22,7 +22,7 @@ __all__ = ["TABLE_METHODS", "render", "stale_cells"]
 
 # The table's rows per bit width, in order: each calibration method plain, then with the
 # recipes (esc_ao.recipe) the benchmark computes, then the dynamic-activation baseline.
-TABLE_RECIPES = ("", "+r16", "+r16+sq", "+xnn", "+xnn+rf+sq")
+TABLE_RECIPES = ("", "+r16", "+r16+sq", "+r16+sq+gptq", "+xnn", "+xnn+rf+sq", "+xnn+rf+sq+gptq")
 TABLE_METHODS: tuple[str, ...] = tuple(m + r for r in TABLE_RECIPES for m in BENCH_METHODS
                                        if m != DYNAMIC_METHOD) + (DYNAMIC_METHOD,)
 
@@ -129,7 +129,8 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              "(EscQuantizer, reference target). "
              "Recipe suffixes (esc_ao.recipe): +xnn, the XNNPACK target (linear, conv, add and mul as int8 "
              "kernels with int8 outputs, attention matmuls and softmax float, graph outputs float); +rf, the "
-             "residual stream's adds and the LayerNorm inputs they feed in float; +r16, the residual stream (every add a LayerNorm reads, and "
+             "residual stream's adds and the LayerNorm inputs they feed in float, the linears writing it as dynamic "
+             "int8 GEMMs; +gptq, GPTQ rounding of the linears' weights; +r16, the residual stream (every add a LayerNorm reads, and "
              "those LayerNorms' inputs) on a 16-bit integer grid; +sq, SmoothQuant-style smoothing of every "
              "LayerNorm -> linear site, alpha per site from calibration data. "
              "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
