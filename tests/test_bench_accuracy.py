@@ -91,6 +91,10 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     assert recipe["recipe"]["suffix"] == "+r16+sq" and recipe["recipe"]["transforms"]
     assert all({"part", "node", "applied", "detail"} <= set(t) for t in recipe["recipe"]["transforms"])
     assert "| w8a8 | mse+r16+sq | " in (tmp_path / "out" / "accuracy.md").read_text()
+    # A precision plan is computed per part and kept in the cell.
+    rows = acc.run_accuracy_bench(["ast"], ["mse+mp50"], ["w4a4"], tmp_path / "out", tmp_path / "cells", settings)
+    plan = next(r for r in rows if r["method"] == "mse+mp50")["recipe"]["precision_plans"][0]
+    assert plan["budget"] == 0.5 and plan["raised_macs"] <= 0.5 * plan["total_macs"] and plan["candidates"]
 
 
 def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:

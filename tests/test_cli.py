@@ -20,12 +20,22 @@ def test_quantize_default_writes_program_and_report(tmp_path: Path, capsys) -> N
     assert report["model"] == "whisper-tiny.en-encoder" and report["calibration_batches"] == 2
     assert report["heldout_batches"] == 4
     quantized = [row for row in report["layers"] if row["quantized"]]
-    assert len(quantized) >= 40 and all(row["sqnr_db"] is not None for row in quantized)
+    assert all(row["sqnr_db"] is not None for row in quantized)
+    # every linear and conv, and the block LayerNorms' outputs; the residual adds and the
+    # final LayerNorm (a graph output) stay float under the default recipe
+    kinds = [row["op"].split(".")[1] for row in quantized]
+    assert (kinds.count("linear"), kinds.count("conv1d"), kinds.count("layer_norm")) == (24, 2, 8), kinds
     assert report["size"]["quantized_bytes"] < 0.3 * report["size"]["float32_bytes"]
     # The saved program holds int8 weights, not the float ones as well.
     assert report["size"]["program_file_bytes"] < 0.45 * report["size"]["float32_bytes"]
+    # The default recipe: smoothing at every LayerNorm that feeds only linears, a float
+    # residual stream whose writers run as dynamic int8 GEMMs.
+    assert report["recipe"]["suffix"] == "+xnn+rf+sq"
+    smoothed = [t for t in report["transforms"] if t["applied"]]
+    assert len(smoothed) == 8 and all(t["transform"] == "smooth" for t in smoothed)
+    assert sum("writes the float residual stream" in row["reason"] for row in report["layers"]) == 8
     md = (out / "report.md").read_text()
-    assert "output SQNR" in md and "| conv1d |" in md
+    assert "output SQNR" in md and "| conv1d |" in md and "## Transforms" in md
     program = torch.export.load(str(out / "model.pt2")).module()
     y = program(torch.zeros(1, 80, 3000))
     assert y.shape == (1, 1500, 384) and torch.isfinite(y).all()

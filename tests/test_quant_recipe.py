@@ -52,3 +52,12 @@ def test_transform_runs_only_the_recipes_transforms() -> None:
     assert Recipe().transform(export_model(model, batches[0]), batches, QuantConfig()) == []
     records = Recipe(smooth=True).transform(export_model(model, batches[0]), batches, QuantConfig())
     assert len(records) == 1 and records[0].transform == "smooth"
+
+
+def test_mixed_precision_flag_carries_its_budget() -> None:
+    base, recipe = split_method("mse+r16+sq+mp2.5")
+    assert base == "mse" and recipe.precision_budget == 0.025 and recipe.suffix == "+r16+sq+mp2.5"
+    assert "within 2.5 % of MACs" in recipe.describe()
+    for bad in ("mse+mp0", "mse+mpx", "mse+mp5+mp10", "mse+mp150"):
+        with pytest.raises(ValueError, match=r"\+mpN"):
+            split_method(bad)

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                         "int16 on the reference target, float on xnnpack")
     r.add_argument("--no-smooth", action="store_true",
                    help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)")
+    r.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ rounding of the linears' weights (default: on at 4-bit weights, off at 8)")
+    r.add_argument("--precision-budget", type=float, default=None, metavar="FRACTION",
+                   help="mixed precision: raise the most sensitive layer groups (to float at W8A8, to W8A8 under "
+                        "4 bits) within this fraction of the multiply-accumulates, e.g. 0.05 (default: none)")
     e = q.add_argument_group("ESC search (--method esc)")
     e.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                    help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)")
@@ -141,7 +146,12 @@ def _quantize(args: argparse.Namespace) -> int:
     if residual == "int16" and args.target == "xnnpack":
         raise SystemExit("--residual int16 needs 16-bit integer kernels, which --target xnnpack lacks: "
                          "use --residual float (or --target reference)")
-    recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth)
+    use_gptq = args.gptq if args.gptq is not None else args.weight_bits == 4
+    try:
+        recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
+                        precision_budget=args.precision_budget)
+    except ValueError as exc:
+        raise SystemExit(f"--precision-budget {args.precision_budget}: {exc}") from exc
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
                           checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.objectives import Objective
-from esc_ao.pipeline import Batch, as_batches, convert, export_model, observe, prepare, save_program
+from esc_ao.pipeline import Batch, as_batches, convert, export_model, save_program
 from esc_ao.recipe import Recipe
 from esc_ao.report import (
     layer_sqnr,
@@ -99,12 +99,8 @@ def quantize_job(
     calibration = as_batches(inputs.calibration)
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
     gm = graph if graph is not None else export_model(inputs.model, calibration[0])
-    transforms = recipe.transform(gm, calibration, config)
-    quantizer = recipe.quantizer(config)
-    for name in keep_float:
-        quantizer.set_module_name(name, None)
-    prepared = prepare(gm, quantizer)
-    observe(prepared, calibration)
+    ready = recipe.prepare(gm, calibration, config, keep_float)
+    prepared, quantizer, transforms = ready.model, ready.quantizer, ready.transforms
     esc: CalibrationResult | None = None
     if config.method == "esc":
         esc = calibrate(prepared, calibration, objective, search or SearchConfig(), checkpoint)
@@ -122,6 +118,7 @@ def quantize_job(
         "recipe": {"suffix": recipe.suffix, "residual": recipe.residual, "smooth": recipe.smooth,
                    "description": recipe.describe()},
         "transforms": [asdict(r) for r in transforms],
+        "precision_plan": ({"summary": ready.plan.summary(), **ready.plan.to_dict()} if ready.plan else None),
         "keep_float": list(keep_float),
         "calibration_batches": len(calibration),
         "heldout_batches": len(heldout),
@@ -174,7 +171,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
         f"- kept float: {', '.join(report['keep_float']) or 'nothing'}; annotation target: "
         f"{report.get('target', 'reference')}",
-        f"- recipe: {report['recipe']['description']}"
+        (f"- precision plan: {report['precision_plan']['summary']}\n" if report.get("precision_plan") else "")
+        + f"- recipe: {report['recipe']['description']}"
         + (f"; smoothed {sum(t['applied'] for t in report['transforms'])} of {len(report['transforms'])} "
            "LayerNorm sites (table below)" if report["transforms"] else ""),
         f"- calibration time: {report['calibration_seconds']:.1f} s",

@@ -8,11 +8,16 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
 - ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site;
-- ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both).
+- ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both);
+- ``+mpN``: mixed precision (esc_ao.precision): the most sensitive layer groups, at most
+  N % of the weighted ops' multiply-accumulates, raised to float at W8A8 and to W8A8
+  under a 4-bit config.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,11 +25,12 @@ from torch.fx import GraphModule
 
 from esc_ao.annotators import ResidualPrecision, Target
 from esc_ao.config import QuantConfig
-from esc_ao.pipeline import Batch
+from esc_ao.pipeline import Batch, observe, prepare
+from esc_ao.precision import PrecisionPlan, plan_precision
 from esc_ao.quantizer import EscQuantizer
 from esc_ao.transforms import TransformRecord, gptq, smooth
 
-__all__ = ["RECIPE_FLAGS", "Recipe", "split_method"]
+__all__ = ["RECIPE_FLAGS", "Prepared", "Recipe", "split_method"]
 
 RECIPE_FLAGS: dict[str, str] = {
     "xnn": "XNNPACK target",
@@ -36,6 +42,7 @@ RECIPE_FLAGS: dict[str, str] = {
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
 SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
 GPTQ_BATCHES = 32  # calibration batches GPTQ's Hessians are estimated on
+PLAN_BATCHES = 4  # calibration batches the precision plan's sensitivities are measured on
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,12 @@ class Recipe:
     residual: ResidualPrecision = "int8"
     smooth: bool = False
     gptq: bool = False
+    precision_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.precision_budget is not None and not 0.0 < self.precision_budget <= 1.0:
+            raise ValueError(f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
+                             "multiply-accumulates), or None for no mixed precision")
         # the same check EscQuantizer makes, at the place the recipe is written
         if self.residual == "int16" and self.target == "xnnpack":
             raise ValueError("recipe +xnn+r16: XNNPACK has no 16-bit kernels; use +xnn+rf (float residual stream)")
@@ -59,11 +70,13 @@ class Recipe:
         """``+r16+sq`` style; empty for the plain recipe."""
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
             [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else []) + \
-            (["gptq"] if self.gptq else [])
+            (["gptq"] if self.gptq else []) + \
+            ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
         return "".join(f"+{f}" for f in flags)
 
     def describe(self) -> str:
-        parts = [RECIPE_FLAGS[f] for f in self.suffix.split("+") if f]
+        parts = [RECIPE_FLAGS[f] if f in RECIPE_FLAGS else f"mixed precision within {f[2:]} % of MACs"
+                 for f in self.suffix.split("+") if f]
         return ", ".join(parts) or "plain (reference target, int8 residual stream, no transforms)"
 
     def transform(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig) -> list[TransformRecord]:
@@ -79,20 +92,70 @@ class Recipe:
     def quantizer(self, config: QuantConfig) -> EscQuantizer:
         return EscQuantizer(config, target=self.target, residual=self.residual)
 
+    def prepare(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig,
+                keep_float: Sequence[str] = ()) -> Prepared:
+        """Transforms ``gm`` (in place), prepares and observes it; with a precision budget,
+        measures the plan on the observed model, then prepares and observes a copy of the
+        transformed graph again with the plan's overrides."""
+        transforms = self.transform(gm, batches, config)
+        pristine = copy.deepcopy(gm) if self.precision_budget is not None else None
+        quantizer = self._with_float(self.quantizer(config), keep_float)
+        prepared = prepare(gm, quantizer)
+        observe(prepared, batches)
+        plan = None
+        if pristine is not None and self.precision_budget is not None:
+            plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], self.precision_budget)
+            higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
+                dataclasses.replace(config, weight_bits=8, act_bits=8)
+            quantizer = plan.apply(self._with_float(self.quantizer(config), keep_float), higher)
+            prepared = prepare(pristine, quantizer)
+            observe(prepared, batches)
+        return Prepared(prepared, quantizer, transforms, plan)
+
+    @staticmethod
+    def _with_float(quantizer: EscQuantizer, keep_float: Sequence[str]) -> EscQuantizer:
+        for name in keep_float:
+            quantizer.set_module_name(name, None)
+        return quantizer
+
+
+@dataclass
+class Prepared:
+    """An observed prepared model, its quantizer, what the transforms did, and the
+    precision plan (None without a budget)."""
+
+    model: GraphModule
+    quantizer: EscQuantizer
+    transforms: list[TransformRecord]
+    plan: PrecisionPlan | None
+
 
 def split_method(method: str) -> tuple[str, Recipe]:
     """``"mse+r16+sq"`` -> ``("mse", Recipe(residual="int16", smooth=True))``.
 
     Raises:
-        ValueError: naming an unknown flag, a repeated one, or both residual flags.
+        ValueError: naming an unknown flag, a repeated one, both residual flags, or a
+            mixed-precision budget that is not a percentage.
     """
     base, *flags = method.split("+")
-    unknown = [f for f in flags if f not in RECIPE_FLAGS]
+    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp")]
     if unknown:
         raise ValueError(f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
                          + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items()))
+    budgets = [f for f in flags if f.startswith("mp")]
+    flags = [f for f in flags if not f.startswith("mp")]
+    if len(budgets) > 1 or any(not _is_percent(b[2:]) for b in budgets):
+        raise ValueError(f"method {method!r}: one mixed-precision flag +mpN at most, N a percentage of the "
+                         "multiply-accumulates in (0, 100], e.g. +mp10")
     if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
         raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags,
-                        gptq="gptq" in flags)
+                        gptq="gptq" in flags, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+
+
+def _is_percent(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 100.0
+    except ValueError:
+        return False

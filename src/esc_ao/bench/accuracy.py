@@ -45,7 +45,7 @@ from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
 from esc_ao.calibrate import calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.eval_graph import for_evaluation
-from esc_ao.pipeline import Batch, convert, export_model, observe, prepare
+from esc_ao.pipeline import Batch, convert, export_model
 from esc_ao.recipe import Recipe, split_method
 from esc_ao.report import weight_bytes, write_json_atomic
 
@@ -63,6 +63,7 @@ class QuantizedTask:
     esc: list[dict[str, Any]]  # one search summary per part (ESC only)
     seconds: float
     transforms: list[dict[str, Any]]  # what the recipe's transforms did, per part and site
+    plans: list[dict[str, Any]]  # the recipe's precision plan per part (with a budget only)
 
 
 def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
@@ -78,21 +79,23 @@ def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
     float_bytes = quant_bytes = 0
     esc: list[dict[str, Any]] = []
     transforms: list[dict[str, Any]] = []
+    plans: list[dict[str, Any]] = []
     for part in task.parts:
         batches = part.calibration(converted)
         if part.name not in exported:
             exported[part.name] = export_model(part.model, batches[0], part.dynamic_shapes)
-        graph = copy.deepcopy(exported[part.name])
-        transforms += [{"part": part.name, **dataclasses.asdict(r)} for r in recipe.transform(graph, batches, config)]
-        prepared = prepare(graph, recipe.quantizer(config))
-        observe(prepared, batches)
+        ready = recipe.prepare(copy.deepcopy(exported[part.name]), batches, config)
+        prepared = ready.model
+        transforms += [{"part": part.name, **dataclasses.asdict(r)} for r in ready.transforms]
+        if ready.plan is not None:
+            plans.append({"part": part.name, "summary": ready.plan.summary(), **ready.plan.to_dict()})
         if config.method == "esc":
             esc.append(_search_part(prepared, batches, part, converted,
                                     dataclasses.replace(search or SearchConfig(), local_batches=part.local_batches)))
         sizes = weight_bytes(prepared, config.weight_bits)
         float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]
         converted[part.name] = for_evaluation(convert(prepared))  # same numbers, 2x faster
-    return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0, transforms)
+    return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0, transforms, plans)
 
 
 def _search_part(prepared: GraphModule, batches: list[Batch], part: Part, converted: dict[str, Any],
@@ -156,7 +159,8 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
            "n": est.n, **_details(est), "size_bytes": 4 * task.n_params - q.float_bytes + q.quant_bytes,
            "calibration_seconds": round(q.seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
     if recipe != Recipe():
-        row["recipe"] = {"suffix": recipe.suffix, "description": recipe.describe(), "transforms": q.transforms}
+        row["recipe"] = {"suffix": recipe.suffix, "description": recipe.describe(), "transforms": q.transforms,
+                         **({"precision_plans": q.plans} if q.plans else {})}
     if q.esc:
         row["esc"] = q.esc
         row["esc_search"] = {"budget": settings.budget, "popsize": settings.popsize, "sigma0": settings.sigma0}

@@ -22,7 +22,8 @@ __all__ = ["TABLE_METHODS", "render", "stale_cells"]
 
 # The table's rows per bit width, in order: each calibration method plain, then with the
 # recipes (esc_ao.recipe) the benchmark computes, then the dynamic-activation baseline.
-TABLE_RECIPES = ("", "+r16", "+r16+sq", "+r16+sq+gptq", "+xnn", "+xnn+rf+sq", "+xnn+rf+sq+gptq")
+TABLE_RECIPES = ("", "+r16", "+r16+sq", "+r16+sq+gptq", "+r16+sq+gptq+mp10", "+xnn", "+xnn+rf+sq",
+                 "+xnn+rf+sq+gptq")
 TABLE_METHODS: tuple[str, ...] = tuple(m + r for r in TABLE_RECIPES for m in BENCH_METHODS
                                        if m != DYNAMIC_METHOD) + (DYNAMIC_METHOD,)
 
@@ -69,14 +70,32 @@ def stale_cells(cells: Path, versions: dict[tuple[str, str], dict[str, str]] | N
 def _collect(cells: Path, settings: AccuracySettings,
              versions: dict[tuple[str, str], dict[str, str]]) -> list[dict[str, Any]]:
     """Every cell present for these settings and the current keys, in table order (per
-    model: float first, then bits x methods; evaluation sets real first)."""
+    model: float first, then bits x methods; evaluation sets real first); methods outside
+    TABLE_METHODS (other recipes) follow the listed ones."""
     rows = []
     for (model, eval_set), current in versions.items():
-        for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in TABLE_METHODS]:
-            path = cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method))
-            if path.exists():
-                rows.append(json.loads(path.read_text()))
+        found = []
+        for path in (cells / model / eval_set).glob("*.json"):
+            method, bits = path.stem.split("-")[:2]
+            if path == cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method)):
+                found.append((method, bits, path))
+        for _, _, path in sorted(found, key=lambda f: _order(f[0], f[1])):
+            rows.append(json.loads(path.read_text()))
     return rows
+
+
+def _order(method: str, bits: str) -> tuple[int, int, str]:
+    """Table position: float first, then by bits, then TABLE_METHODS' order, then by name."""
+    if method == "float":
+        return (-1, -1, "")
+    listed = TABLE_METHODS.index(method) if method in TABLE_METHODS else len(TABLE_METHODS)
+    return (BITS.index(bits) if bits in BITS else len(BITS), listed, method)
+
+
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods of these rows other than float, in table order."""
+    present = {r["method"] for r in rows} - {"float"}
+    return sorted(present, key=lambda m: _order(m, BITS[0])[1:])
 
 
 def _fmt(r: dict[str, Any] | None) -> str:
@@ -101,7 +120,7 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
              "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
              "|---|---|" + "---|" * len(sets) + "---|"]
     by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
-    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in TABLE_METHODS]:
+    for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in _methods(mrows)]:
         cols = [by.get((e, method, bits)) for e in sets]
         if not any(cols):
             continue
@@ -130,7 +149,9 @@ def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySett
              "Recipe suffixes (esc_ao.recipe): +xnn, the XNNPACK target (linear, conv, add and mul as int8 "
              "kernels with int8 outputs, attention matmuls and softmax float, graph outputs float); +rf, the "
              "residual stream's adds and the LayerNorm inputs they feed in float, the linears writing it as dynamic "
-             "int8 GEMMs; +gptq, GPTQ rounding of the linears' weights; +r16, the residual stream (every add a LayerNorm reads, and "
+             "int8 GEMMs; +gptq, GPTQ rounding of the linears' weights; +mpN, mixed precision: the layer groups that cost the "
+             "objective most per multiply-accumulate, within N % of them, raised (to float at W8A8, to W8A8 under "
+             "4 bits; esc_ao.precision); +r16, the residual stream (every add a LayerNorm reads, and "
              "those LayerNorms' inputs) on a 16-bit integer grid; +sq, SmoothQuant-style smoothing of every "
              "LayerNorm -> linear site, alpha per site from calibration data. "
              "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
@@ -166,7 +187,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     xs = list(BITS)
     for ax, (model, eval_set) in zip(axes.flat, models):
         mrows = [r for r in rows if r["model"] == model and r["eval_set"] == eval_set]
-        for method in TABLE_METHODS:
+        for method in _methods(mrows):
             pts = [(xs.index(r["bits"]), 100 * r["value"]) for r in mrows if r["method"] == method]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=method)

@@ -188,31 +188,32 @@ def _stack_model():  # type: ignore[no-untyped-def]
 def _recipe_figures(methods: list[tuple[str, Any]]) -> dict[str, Any]:
     """Output SQNR of the stack under each (method with recipe suffix, config), and what
     each transform did."""
-    from esc_ao import convert, export_model, observe, prepare
+    from esc_ao import convert, export_model
     from esc_ao.recipe import split_method
 
     model, batches = _stack_model()
     figures: dict[str, Any] = {}
     for method, config in methods:
         _, recipe = split_method(method)
-        name = f"{method}-{config.label}" if config.weight_bits == 4 else method
-        gm = export_model(model, batches[0])
-        records = recipe.transform(gm, batches, config)
-        prepared = prepare(gm, recipe.quantizer(config))
-        observe(prepared, batches)
-        figures[f"{name}-sqnr_db"] = _sqnr(model, convert(prepared), batches)
-        figures[f"{name}-transformed"] = [r.detail.split(";")[0] for r in records if r.applied]
+        name = method if config.label == "w8a8" else f"{method}-{config.label}"
+        ready = recipe.prepare(export_model(model, batches[0]), batches, config)
+        figures[f"{name}-sqnr_db"] = _sqnr(model, convert(ready.model), batches)
+        figures[f"{name}-transformed"] = [r.detail.split(";")[0] for r in ready.transforms if r.applied]
+        if ready.plan is not None:
+            figures[f"{name}-raised"] = list(ready.plan.modules)
     return figures
 
 
 def _recipes() -> dict[str, Any]:
     """The reference-target recipes: W8A8 with and without the 16-bit stream and smoothing,
-    W4A8 with and without GPTQ."""
+    W4A8 with and without GPTQ, W4A4 with and without a precision plan."""
     from esc_ao.config import QuantConfig
 
     w8, w4 = QuantConfig(method="mse"), QuantConfig(method="mse", weight_bits=4)
+    w4a4 = QuantConfig(method="mse", weight_bits=4, act_bits=4)
     return _recipe_figures([(m, w8) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")]
-                           + [(m, w4) for m in ("mse+r16+sq", "mse+r16+sq+gptq")])
+                           + [(m, w4) for m in ("mse+r16+sq", "mse+r16+sq+gptq")]
+                           + [(m, w4a4) for m in ("mse+r16", "mse+r16+mp60")])
 
 
 def _xnnpack() -> dict[str, Any]:
