@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -44,6 +44,8 @@ class JobInputs:
     calibration: list[Batch]
     heldout: list[Batch]
     notes: dict[str, Any] = field(default_factory=dict)
+    # The task metric of a model (float or quantized) on the held-out data, for the report.
+    task_metric: Callable[[torch.nn.Module], dict[str, Any]] | None = None
 
 
 def whisper_default(n_calibration: int | None = None) -> JobInputs:
@@ -57,7 +59,8 @@ def whisper_default(n_calibration: int | None = None) -> JobInputs:
             raise ValueError(f"n_calibration={n_calibration} must lie in 1..{len(calib)} (bundled clips)")
         calib = calib[:n_calibration]
     held = bundled_clips("heldout")
-    encoder = WhisperEncoder(load_whisper_tiny_en()).eval()
+    whisper = load_whisper_tiny_en().eval()
+    encoder = WhisperEncoder(whisper).eval()
     return JobInputs(
         name="whisper-tiny.en-encoder",
         model=encoder,
@@ -65,7 +68,25 @@ def whisper_default(n_calibration: int | None = None) -> JobInputs:
         heldout=[(whisper_mel(c.audio),) for c in held],
         notes={"calibration_voices": sorted({c.voice for c in calib}),
                "heldout_voices": sorted({c.voice for c in held})},
+        task_metric=lambda enc: _heldout_wer(whisper, enc, held),
     )
+
+
+def _heldout_wer(whisper: torch.nn.Module, encoder: torch.nn.Module, clips: Sequence[Any]) -> dict[str, Any]:
+    """WER of greedy transcripts of the held-out clips with ``encoder`` in place of
+    Whisper's own and the float decoder: what the quantized encoder does to transcripts."""
+    from esc_ao.bench.whisper_task import greedy_transcribe, token_limit, tokenizer
+    from esc_ao.metrics import wer
+    from esc_ao.speech import whisper_mel
+    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
+
+    audio, text, tok = WhisperAudio(whisper).eval(), WhisperTextStep(whisper).eval(), tokenizer("tiny.en")
+    audio.encoder = encoder
+    with torch.no_grad():
+        hyps = [tok.decode(greedy_transcribe(audio, text, whisper_mel(c.audio), token_limit(len(c.audio) / 16000))[0])
+                for c in clips]
+    est = wer([c.text for c in clips], hyps, seed=0)
+    return {"wer": est.value, "utterances": len(clips), "hypotheses": hyps}
 
 
 def quantize_job(
@@ -123,6 +144,8 @@ def quantize_job(
         "calibration_batches": len(calibration),
         "heldout_batches": len(heldout),
         "output_sqnr_db": output_sqnr(inputs.model, converted, heldout),
+        "task": ({"float": inputs.task_metric(inputs.model), "quantized": inputs.task_metric(converted)}
+                 if inputs.task_metric is not None else None),
         "calibration_seconds": round(t_calib, 2),
         "layers": [
             {"node": r.node, "op": r.op, "module": r.module, "quantized": r.quantized, "reason": r.reason,
@@ -166,6 +189,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{'symmetric' if cfg['act_symmetric'] else 'affine'} activations",
         f"- calibration batches: {report['calibration_batches']}, held-out batches: {report['heldout_batches']}",
         f"- output SQNR vs float (held-out): **{_fmt(report['output_sqnr_db'])} dB**",
+        *([f"- held-out WER (greedy, float decoder): **{100 * report['task']['quantized']['wer']:.2f} %** "
+           f"with this encoder, {100 * report['task']['float']['wer']:.2f} % with the float one "
+           f"({report['task']['float']['utterances']} clips)"] if report.get("task") else []),
         f"- weights: {size['float32_bytes'] / 1e6:.2f} MB float32 -> {size['quantized_bytes'] / 1e6:.2f} MB "
         f"at {cfg['weight_bits']} bits"
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
