@@ -186,3 +186,14 @@ def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:
     # a baseline does not depend on ESC's search: its cell is shared
     assert cells.cell_path(tmp_path, "ast", "tts", "max", "w4a4", base, "v") == cells.cell_path(
         tmp_path, "ast", "tts", "max", "w4a4", bigger, "v")
+
+
+def test_key_kinds_carry_every_part_a_recipe_uses(stand_in) -> None:
+    assert [cells.key_kind(m) for m in ("float", "mse", "esc", "dynamic", "mse+r16+sq", "esc+gptq", "mse+xnn+rf",
+                                        "esc+xnn")] == ["max", "max", "esc", "dynamic", "max+recipe", "esc+recipe",
+                                                        "max+xnn", "esc+xnn"]
+    for method in ("mse+xnn+rf+sq", "esc+r16+mp10"):
+        assert cells.cell_key("ast", method, "tts").numerics == cells.cell_key("ast", cells.key_kind(method),
+                                                                               "tts").numerics
+    assert "xnnpack" in cells.cell_key("ast", "mse+xnn", "tts").numerics
+    assert "xnnpack" not in cells.cell_key("ast", "mse+r16", "tts").numerics

