@@ -61,3 +61,32 @@ def test_mixed_precision_flag_carries_its_budget() -> None:
     for bad in ("mse+mp0", "mse+mpx", "mse+mp5+mp10", "mse+mp150"):
         with pytest.raises(ValueError, match=r"\+mpN"):
             split_method(bad)
+
+
+class _Tied(nn.Module):
+    """Token embedding tied to the output projection, as in Whisper's decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.mid(self.embed(tokens)), self.embed.weight)
+
+
+def test_tied_output_projection_keeps_8_bit_weights_under_4_bits() -> None:
+    from esc_ao.recipe import tied_linears
+
+    torch.manual_seed(0)
+    model, batch = _Tied().eval(), (torch.randint(0, 20, (2, 5)),)
+    w4 = QuantConfig(weight_bits=4, act_bits=8, method="max")
+    _, recipe = split_method("max+t8")
+    gm = export_model(model, batch)
+    assert len(tied_linears(gm)) == 1
+    ready = recipe.prepare(gm, [batch], w4)
+    configs = {r.module: r.config for r in ready.quantizer.records() if "linear" in r.op}
+    assert sorted(configs.values()) == ["w4a8", "w8a8"]  # the tied projection at 8 bits, "mid" at 4
+    assert configs["mid"] == "w4a8"
+    plain = Recipe().prepare(export_model(model, batch), [batch], w4)
+    assert {r.config for r in plain.quantizer.records() if "linear" in r.op} == {"w4a8"}

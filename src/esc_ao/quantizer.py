@@ -135,6 +135,7 @@ class EscQuantizer(Quantizer):
         self.global_config: QuantConfig | None = config if config is not None else QuantConfig()
         self.module_name_config: dict[str, QuantConfig | None] = {}
         self.module_type_config: dict[str, QuantConfig | None] = {}
+        self.node_name_config: dict[str, QuantConfig | None] = {}
         self._specs: dict[QuantConfig, Specs] = {}
         self._records: list[AnnotationRecord] = []
         self.observer_labels: dict[str, list[str]] = {}
@@ -156,8 +157,19 @@ class EscQuantizer(Quantizer):
         self.module_type_config[_type_key(module_type)] = config
         return self
 
+    def set_node_name(self, name: str, config: QuantConfig | None) -> "EscQuantizer":
+        """Config for one node of the exported graph (e.g. "linear_24"), above every
+        module override: for ops that no module of their own holds, such as an output
+        projection written as ``F.linear`` in the model's forward."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"node name {name!r} must be a non-empty graph node name such as 'linear_24'")
+        self.node_name_config[name] = config
+        return self
+
     def config_for(self, node: Node) -> tuple[QuantConfig | None, str]:
         """The config in force for a node and where it came from."""
+        if node.name in self.node_name_config:
+            return self.node_name_config[node.name], f"node name '{node.name}'"
         path = _module_path(node)
         # Innermost match wins within each kind; names beat types (most specific first).
         for name, _ in reversed(path):

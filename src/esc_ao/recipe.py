@@ -9,6 +9,8 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
 - ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site;
 - ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both);
+- ``+t8``: under 4-bit weights, a linear whose weight is tied to an embedding (Whisper's
+  output projection) keeps 8-bit weights, as LLM quantizers keep their output heads;
 - ``+mpN``: mixed precision (esc_ao.precision): the most sensitive layer groups, at most
   N % of the weighted ops' multiply-accumulates, raised to float at W8A8 and to W8A8
   under a 4-bit config.
@@ -21,14 +23,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
 from esc_ao.annotators import ResidualPrecision, Target
 from esc_ao.config import QuantConfig
 from esc_ao.pipeline import Batch, observe, prepare
 from esc_ao.precision import PrecisionPlan, plan_precision
 from esc_ao.quantizer import EscQuantizer
+from esc_ao.graph_prep import drop_noop_casts, resolve_attr
 from esc_ao.transforms import TransformRecord, gptq, smooth
+from esc_ao.transforms.smooth import shared_weight
 
 __all__ = ["RECIPE_FLAGS", "Prepared", "Recipe", "split_method"]
 
@@ -38,6 +43,7 @@ RECIPE_FLAGS: dict[str, str] = {
     "rf": "residual stream in float",
     "sq": "LayerNorm -> linear smoothing",
     "gptq": "GPTQ weight rounding",
+    "t8": "tied output projections at 8-bit weights",
 }
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
 SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
@@ -55,6 +61,7 @@ class Recipe:
     residual: ResidualPrecision = "int8"
     smooth: bool = False
     gptq: bool = False
+    tied_8bit: bool = False
     precision_budget: float | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +77,7 @@ class Recipe:
         """``+r16+sq`` style; empty for the plain recipe."""
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
             [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else []) + \
-            (["gptq"] if self.gptq else []) + \
+            (["gptq"] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
             ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
         return "".join(f"+{f}" for f in flags)
 
@@ -89,8 +96,14 @@ class Recipe:
             records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits)
         return records
 
-    def quantizer(self, config: QuantConfig) -> EscQuantizer:
-        return EscQuantizer(config, target=self.target, residual=self.residual)
+    def quantizer(self, config: QuantConfig, graph: GraphModule | None = None) -> EscQuantizer:
+        """EscQuantizer for this recipe; with ``graph`` (the exported graph it will prepare)
+        and ``tied_8bit``, its tied-weight linears get 8-bit weights under a 4-bit config."""
+        quantizer = EscQuantizer(config, target=self.target, residual=self.residual)
+        if self.tied_8bit and graph is not None and config.weight_bits == 4:
+            for name in tied_linears(graph):
+                quantizer.set_node_name(name, dataclasses.replace(config, weight_bits=8))
+        return quantizer
 
     def prepare(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig,
                 keep_float: Sequence[str] = ()) -> Prepared:
@@ -99,7 +112,7 @@ class Recipe:
         transformed graph again with the plan's overrides."""
         transforms = self.transform(gm, batches, config)
         pristine = copy.deepcopy(gm) if self.precision_budget is not None else None
-        quantizer = self._with_float(self.quantizer(config), keep_float)
+        quantizer = self._with_float(self.quantizer(config, gm), keep_float)
         prepared = prepare(gm, quantizer)
         observe(prepared, batches)
         plan = None
@@ -107,7 +120,7 @@ class Recipe:
             plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], self.precision_budget)
             higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
                 dataclasses.replace(config, weight_bits=8, act_bits=8)
-            quantizer = plan.apply(self._with_float(self.quantizer(config), keep_float), higher)
+            quantizer = plan.apply(self._with_float(self.quantizer(config, pristine), keep_float), higher)
             prepared = prepare(pristine, quantizer)
             observe(prepared, batches)
         return Prepared(prepared, quantizer, transforms, plan)
@@ -151,7 +164,18 @@ def split_method(method: str) -> tuple[str, Recipe]:
         raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags,
-                        gptq="gptq" in flags, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+                        gptq="gptq" in flags, tied_8bit="t8" in flags, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+
+
+def tied_linears(graph: GraphModule) -> list[str]:
+    """Names of the linear nodes whose weight is also read elsewhere (a tied embedding)."""
+    drop_noop_casts(graph)  # a cast between a weight and its linear would hide the weight
+    out = []
+    for node in graph.graph.nodes:
+        w = node.args[1] if node.op == "call_function" and node.target == torch.ops.aten.linear.default else None
+        if isinstance(w, Node) and w.op == "get_attr" and shared_weight(graph, resolve_attr(graph, w.target), w):
+            out.append(node.name)
+    return out
 
 
 def _is_percent(text: str) -> bool:
