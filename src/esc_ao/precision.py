@@ -29,6 +29,7 @@ from esc_ao.objectives import Objective
 from esc_ao.observers import iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 from esc_ao.quantizer import EscQuantizer
+from esc_ao.report import output_tensors
 
 __all__ = ["AllOutputsNSR", "LayerGroup", "PrecisionPlan", "plan_precision"]
 
@@ -116,16 +117,6 @@ def _groups(prepared: GraphModule) -> dict[str, tuple[list[str], list[str], int]
     return groups
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    return []
-
-
 @dataclass(frozen=True)
 class AllOutputsNSR:
     """Noise-to-signal ratio pooled over every output tensor (a model returning several,
@@ -134,7 +125,7 @@ class AllOutputsNSR:
     def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
         noise = signal = 0.0
         for o, r in zip(outputs, references):
-            for a, b in zip(_tensors(o), _tensors(r)):
+            for a, b in zip(output_tensors(o), output_tensors(r)):
                 noise += float((a.float() - b.float()).pow(2).sum())
                 signal += float(b.float().pow(2).sum())
         return noise / max(signal, 1e-30)

@@ -27,6 +27,7 @@ __all__ = [
     "layer_sqnr",
     "observer_stats",
     "output_sqnr",
+    "output_tensors",
     "sqnr_db",
     "weight_bytes",
     "write_json_atomic",
@@ -43,13 +44,14 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10.0 * math.log10(signal_power / noise_power)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model output (nested tuples, lists and dicts), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
+        return [t for o in out.values() for t in output_tensors(o)]
     return []
 
 
@@ -91,7 +93,7 @@ def output_sqnr(reference: torch.nn.Module, quantized: torch.nn.Module, batches:
     """SQNR (dB) of all model outputs, pooled over batches."""
     signal = noise = 0.0
     for batch in batches:
-        for r, q in zip(_tensors(reference(*batch)), _tensors(quantized(*batch))):
+        for r, q in zip(output_tensors(reference(*batch)), output_tensors(quantized(*batch))):
             signal += float(r.float().pow(2).sum())
             noise += float((r.float() - q.float()).pow(2).sum())
     return sqnr_db(signal, noise)
