@@ -13,7 +13,10 @@ to the int32 accumulator, which ``torch.compile`` fuses into one epilogue, toget
 with the next quantize node when there is one. The arithmetic is the integer one the
 reference graph simulates: results agree with it to float rounding (tested on CPU, where
 ``torch._int_mm`` also runs). ``_int_mm`` on CUDA wants M > 16 and K, N multiples of 8;
-linears outside those shapes are left as they are (the count is returned).
+linears outside those shapes are left as they are (the count is returned). A linear
+whose input is quantized at run time (the XNNPACK target's dynamic int8 GEMMs: graph
+outputs, writers of a float residual stream) is lowered the same way, with the scale and
+zero point its ``choose_qparams`` computes.
 
 Attention matmuls (dequantize -> matmul with two activation operands) stay on the
 reference path: there is no batched int8 GEMM in torch, and their cost is small beside
@@ -35,12 +38,14 @@ qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
 
 
-def int8_linear(x_q: torch.Tensor, x_scale: float, x_zero_point: int, w_q: torch.Tensor,
-                w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """float(linear(dequant(x_q), dequant(w_q), bias)) computed as an int8 GEMM."""
+def int8_linear(x_q: torch.Tensor, x_scale: float | torch.Tensor, x_zero_point: int | torch.Tensor,
+                w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float(linear(dequant(x_q), dequant(w_q), bias)) computed as an int8 GEMM. The input's
+    scale and zero point are constants (static) or 0-d tensors computed at run time
+    (a dynamically quantized input)."""
     lead = x_q.shape[:-1]
     acc = torch._int_mm(x_q.reshape(-1, x_q.shape[-1]), w_q.t())
-    if x_zero_point != 0:
+    if isinstance(x_zero_point, torch.Tensor) or x_zero_point != 0:
         # (q_x - z_x) . w = q_x . w - z_x * sum_k w: the correction is per output column.
         acc = acc - x_zero_point * w_q.sum(dim=1, dtype=torch.int32)
     y = acc.to(torch.float32) * (w_scale.to(torch.float32) * x_scale)
@@ -72,13 +77,16 @@ def _constant(gm: GraphModule, node: object) -> torch.Tensor | None:
 def _match(gm: GraphModule, linear: Node) -> tuple[tuple, str | None]:
     x_dq, w_dq = linear.args[0], linear.args[1]
     bias = linear.args[2] if len(linear.args) > 2 else None
-    if not _is(x_dq, qd.dequantize_per_tensor.default):
+    static = _is(x_dq, qd.dequantize_per_tensor.default)
+    if not (static or _is(x_dq, qd.dequantize_per_tensor.tensor)):
         return (), "input is not a per-tensor dequantize"
     if not _is(w_dq, qd.dequantize_per_channel.default):
         return (), "weight is not a per-channel dequantize"
     x_q, x_scale, x_zp = x_dq.args[0], x_dq.args[1], x_dq.args[2]
-    if x_dq.args[5] != torch.int8 or not isinstance(x_scale, float) or not isinstance(x_zp, int):
-        return (), "activation is not int8 with constant qparams"
+    # static: constant qparams; dynamic (.tensor): qparams computed from the input at run time
+    qparams = (float, int) if static else (Node, Node)
+    if x_dq.args[5] != torch.int8 or not isinstance(x_scale, qparams[0]) or not isinstance(x_zp, qparams[1]):
+        return (), "activation is not int8 with per-tensor qparams"
     w = _constant(gm, w_dq.args[0])
     zps = _constant(gm, w_dq.args[2])
     if w is None or w.dtype != torch.int8 or w_dq.args[3] != 0 or (zps is not None and bool(zps.any())):
