@@ -90,3 +90,15 @@ def test_tied_output_projection_keeps_8_bit_weights_under_4_bits() -> None:
     assert configs["mid"] == "w4a8"
     plain = Recipe().prepare(export_model(model, batch), [batch], w4)
     assert {r.config for r in plain.quantizer.records() if "linear" in r.op} == {"w4a8"}
+
+
+def test_sizes_count_each_weight_at_its_own_width() -> None:
+    from esc_ao.report import weight_bytes
+
+    torch.manual_seed(0)
+    model, batch = _Tied().eval(), (torch.randint(0, 20, (2, 5)),)
+    w4 = QuantConfig(weight_bits=4, act_bits=8, method="max")
+    plain = Recipe().prepare(export_model(model, batch), [batch], w4).model
+    tied = split_method("max+t8")[1].prepare(export_model(model, batch), [batch], w4).model
+    # the 20 x 8 tied projection at 8 bits instead of 4: 80 bytes more, scales unchanged
+    assert weight_bytes(tied)["quantized_bytes"] - weight_bytes(plain)["quantized_bytes"] == 80

@@ -129,7 +129,7 @@ def quantize_job(
     quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
     per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
     # Read the observers before convert_pt2e replaces them with quantize/dequantize ops.
-    activations, size = observer_stats(prepared), weight_bytes(prepared, config.weight_bits)
+    activations, size = observer_stats(prepared), weight_bytes(prepared)
     converted = convert(prepared)
     report: dict[str, Any] = {
         "model": inputs.name,

@@ -127,19 +127,22 @@ def observer_stats(prepared: torch.nn.Module) -> list[ObserverStats]:
     return [ObserverStats.of(o) for _, o in iter_observers(prepared) if isinstance(o, ActivationObserver)]
 
 
-def weight_bytes(prepared: GraphModule, weight_bits: int) -> dict[str, int]:
-    """Bytes of the quantized weights at ``weight_bits`` (plus one float32 scale per channel)
+def weight_bytes(prepared: GraphModule) -> dict[str, int]:
+    """Bytes of the quantized weights, each at its own observer's width (4 or 8 bits: a
+    precision plan or a tied projection may mix them), plus one float32 scale per channel,
     against the same weights in float32."""
-    n_weights = n_channels = 0
+    n_weights = n_channels = n_bits = 0
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
         obs = prepared.get_submodule(node.target)
         src = node.args[0]
         if isinstance(obs, PerChannelWeightObserver) and isinstance(src, Node) and src.op == "get_attr":
-            n_weights += resolve_attr(prepared, str(src.target)).numel()
+            numel = resolve_attr(prepared, str(src.target)).numel()
+            n_weights += numel
+            n_bits += numel * (4 if obs.quant_max <= 7 else 8)
             n_channels += obs.absmax.numel()
-    return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_weights * weight_bits + 7) // 8 + 4 * n_channels}
+    return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_bits + 7) // 8 + 4 * n_channels}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -92,7 +92,7 @@ def quantize_task(task: Task, config: QuantConfig, search: SearchConfig | None,
         if config.method == "esc":
             esc.append(_search_part(prepared, batches, part, converted,
                                     dataclasses.replace(search or SearchConfig(), local_batches=part.local_batches)))
-        sizes = weight_bytes(prepared, config.weight_bits)
+        sizes = weight_bytes(prepared)
         float_bytes, quant_bytes = float_bytes + sizes["float32_bytes"], quant_bytes + sizes["quantized_bytes"]
         converted[part.name] = for_evaluation(convert(prepared))  # same numbers, 2x faster
     return QuantizedTask(converted, float_bytes, quant_bytes, esc, time.perf_counter() - t0, transforms, plans)
