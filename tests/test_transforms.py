@@ -210,3 +210,14 @@ def test_gptq_skips_tied_weights_and_needs_data() -> None:
     assert [r.applied for r in records] == [False, False] and all("tied" in r.detail for r in records)
     with pytest.raises(ValueError, match="at least one calibration batch"):
         gptq(gm, [], 4)
+
+
+@pytest.mark.parametrize("transform", ["smooth", "gptq"])
+def test_non_finite_calibration_data_is_refused_naming_the_node(transform: str) -> None:
+    from esc_ao.observers import NonFiniteActivationError
+    from esc_ao.transforms import gptq
+
+    gm = export_model(Mlp().eval(), (torch.randn(1, 4, 16),))
+    bad = [(torch.full((1, 4, 16), float("nan")),)]
+    with pytest.raises(NonFiniteActivationError, match=f"{transform}: .*NaN or Inf at the (output|input) of"):
+        smooth(gm, bad) if transform == "smooth" else gptq(gm, bad, 4)

@@ -143,23 +143,21 @@ def _quantize(args: argparse.Namespace) -> int:
     # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
     driver = os.environ.get("RANK", "0") == "0"
     residual = args.residual or ("int16" if args.target == "reference" else "float")
-    if residual == "int16" and args.target == "xnnpack":
-        raise SystemExit("--residual int16 needs 16-bit integer kernels, which --target xnnpack lacks: "
-                         "use --residual float (or --target reference)")
     use_gptq = args.gptq if args.gptq is not None else args.weight_bits == 4
-    try:
+    try:  # Recipe checks the combination (--residual with --target, --precision-budget's range)
         recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
                         precision_budget=args.precision_budget)
     except ValueError as exc:
-        raise SystemExit(f"--precision-budget {args.precision_budget}: {exc}") from exc
+        raise SystemExit(f"esc-ao quantize: {exc}") from exc
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
                           checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,
                           recipe=recipe)
     if not driver:
         return 0
-    print(f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): output SQNR {report['output_sqnr_db']:.2f} dB "
-          f"on {report['heldout_batches']} held-out batch(es); wrote {args.out}/model.pt2, report.md, report.json"
+    print(f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): "
+          f"output SQNR {report['output_sqnr_db']:.2f} dB on {report['heldout_batches']} held-out batch(es); "
+          f"wrote {args.out}/model.pt2, report.md, report.json"
           f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)")
     return 0
 

@@ -17,7 +17,8 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "resolve_attr", "tidy"]
+__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "replace_parameter", "resolve_attr", "shared_weight",
+           "tidy", "tied_linears"]
 
 # node.meta key: this node must stay float; the value says why (shown in the report).
 SKIP_KEY = "esc_ao_keep_float"
@@ -79,6 +80,40 @@ def resolve_attr(module: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def shared_weight(gm: GraphModule, node: Node) -> bool:
+    """Whether the parameter a get_attr node reads is read elsewhere too (by another op,
+    or under another name, as a tied embedding and output projection are)."""
+    if len(node.users) > 1:
+        return True
+    weight = resolve_attr(gm, str(node.target))
+    for other in gm.graph.nodes:
+        if other.op == "get_attr" and other is not node:
+            obj = resolve_attr(gm, str(other.target))
+            if isinstance(obj, torch.Tensor) and obj.data_ptr() == weight.data_ptr():
+                return True
+    return False
+
+
+def tied_linears(gm: GraphModule) -> list[str]:
+    """Names of the linear nodes whose weight is a parameter also read elsewhere (a tied
+    embedding). Drops no-op casts first: one between a weight and its linear would hide it."""
+    drop_noop_casts(gm)
+    return [node.name for node in gm.graph.nodes
+            if node.op == "call_function" and node.target == aten.linear.default
+            and isinstance(node.args[1], Node) and node.args[1].op == "get_attr" and shared_weight(gm, node.args[1])]
+
+
+def replace_parameter(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    """Sets the graph's parameter ``target`` to a new tensor (never in place: the exported
+    graph shares its parameters with the model it came from)."""
+    owner, _, name = target.rpartition(".")
+    module = resolve_attr(gm, owner) if owner else gm
+    old = getattr(module, name)
+    new = torch.nn.Parameter(value.detach().clone(), requires_grad=False) if isinstance(old, torch.nn.Parameter) \
+        else value.detach().clone()
+    setattr(module, name, new)
 
 
 def tidy(gm: GraphModule) -> None:

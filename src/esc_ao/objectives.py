@@ -25,6 +25,7 @@ __all__ = [
     "first_tensor",
     "objective_by_name",
     "objective_parts",
+    "output_tensors",
 ]
 
 
@@ -45,17 +46,34 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
 
 
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model output (nested tuples, lists and dicts), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in output_tensors(o)]
+    return []
+
+
 @dataclass(frozen=True)
 class OutputMSE:
     """Noise-to-signal ratio of the outputs, pooled over batches: sum (q - f)^2 / sum f^2.
-    Its -10 log10 is the output SQNR, so minimising it maximises SQNR."""
+    Its -10 log10 is the output SQNR, so minimising it maximises SQNR. ``all_outputs``:
+    pool every output tensor (a model returning several, like Whisper's audio graph with
+    each decoder block's keys and values) instead of the first one only."""
+
+    all_outputs: bool = False
 
     def parts(self, outputs: Sequence[Any], references: Sequence[Any]) -> tuple[float, float]:
+        pick = output_tensors if self.all_outputs else (lambda out: [first_tensor(out)])
         noise = signal = 0.0
         for o, r in zip(outputs, references):
-            o, r = first_tensor(o).float(), first_tensor(r).float()
-            noise += float((o - r).pow(2).sum())
-            signal += float(r.pow(2).sum())
+            for a, b in zip(pick(o), pick(r)):
+                a, b = a.float(), b.float()
+                noise += float((a - b).pow(2).sum())
+                signal += float(b.pow(2).sum())
         return noise, signal
 
     def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:

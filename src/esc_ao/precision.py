@@ -25,13 +25,12 @@ from torch.fx import GraphModule, Node
 
 from esc_ao.annotators import OP_ROLES
 from esc_ao.config import QuantConfig
-from esc_ao.objectives import Objective
+from esc_ao.objectives import Objective, OutputMSE
 from esc_ao.observers import iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 from esc_ao.quantizer import EscQuantizer
-from esc_ao.report import output_tensors
 
-__all__ = ["AllOutputsNSR", "LayerGroup", "PrecisionPlan", "plan_precision"]
+__all__ = ["LayerGroup", "PrecisionPlan", "plan_precision"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,7 @@ class PrecisionPlan:
 
 
 def _macs(node: Node) -> int:
+    """Multiply-accumulates of one weighted op (linear or conv) per call."""
     out = node.meta.get("val")
     w_node = node.args[1]
     while isinstance(w_node, Node) and w_node.op == "call_module":  # through the weight's observer
@@ -90,16 +90,13 @@ def _macs(node: Node) -> int:
     w = w_node.meta.get("val") if isinstance(w_node, Node) else None
     if not isinstance(out, torch.Tensor) or not isinstance(w, torch.Tensor):
         return 0
-    if OP_ROLES.get(node.target) != "weighted":
-        return 0
     # linear: out (..., N) with weight (N, K); conv: out (B, C_out, ...) with weight
     # (C_out, C_in / groups, k...): each output element costs the weight's fan-in.
     return int(out.numel() * w[0].numel())
 
 
-def _groups(prepared: GraphModule) -> dict[str, tuple[list[str], list[str], int]]:
+def _groups(prepared: GraphModule, observers: dict[str, Any]) -> dict[str, tuple[list[str], list[str], int]]:
     """Input observer name -> (module names, weight observer names, multiply-accumulates)."""
-    observers = dict(iter_observers(prepared))
     groups: dict[str, tuple[list[str], list[str], int]] = {}
     for node in prepared.graph.nodes:
         if node.op != "call_function" or OP_ROLES.get(node.target) != "weighted":
@@ -117,20 +114,6 @@ def _groups(prepared: GraphModule) -> dict[str, tuple[list[str], list[str], int]
     return groups
 
 
-@dataclass(frozen=True)
-class AllOutputsNSR:
-    """Noise-to-signal ratio pooled over every output tensor (a model returning several,
-    like Whisper's audio part with each decoder block's keys and values, counts them all)."""
-
-    def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
-        noise = signal = 0.0
-        for o, r in zip(outputs, references):
-            for a, b in zip(output_tensors(o), output_tensors(r)):
-                noise += float((a.float() - b.float()).pow(2).sum())
-                signal += float(b.float().pow(2).sum())
-        return noise / max(signal, 1e-30)
-
-
 @torch.no_grad()
 def plan_precision(prepared: GraphModule, batches: Sequence[Batch], budget: float,
                    objective: Objective | None = None) -> PrecisionPlan:
@@ -144,12 +127,12 @@ def plan_precision(prepared: GraphModule, batches: Sequence[Batch], budget: floa
     """
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget={budget!r} must be a fraction of the multiply-accumulates in [0, 1], e.g. 0.05")
-    objective = objective or AllOutputsNSR()
-    groups = _groups(prepared)
+    objective = objective or OutputMSE(all_outputs=True)
+    observers = dict(iter_observers(prepared))
+    groups = _groups(prepared, observers)
     if not groups:
         raise ValueError("the prepared model has no quantized linear or conv to plan: prepare it with a quantizer "
                          "that annotates weighted ops, and observe it, first")
-    observers = dict(iter_observers(prepared))
     batches = list(batches)
     with observer_mode(prepared, observing=False, fake_quant=False):
         references = [prepared(*b) for b in batches]

@@ -22,7 +22,6 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from esc_ao.annotators import (
     OP_ROLES,
-    float_tensor_inputs,
     RESIDUAL_PRECISIONS,
     TARGETS,
     ResidualPrecision,
@@ -30,6 +29,7 @@ from esc_ao.annotators import (
     Specs,
     Target,
     annotate_node,
+    float_tensor_inputs,
     graph_outputs,
     is_annotated,
     residual_adds,
@@ -113,9 +113,10 @@ class EscQuantizer(Quantizer):
             like every other tensor; ``"int16"``: residual adds and the LayerNorms reading
             them take 16-bit integer inputs (the W8A16-style stream integer NPUs run;
             reference target only, XNNPACK has no 16-bit kernels); ``"float"``: residual
-            adds stay float and the linears writing into them keep float outputs (the
-            XNNPACK target's way to the same accuracy). Either costs no multiply-accumulates
-            off int8: the stream is written by adds, which have none.
+            adds and the LayerNorm inputs they feed stay float; on the XNNPACK target the
+            linears writing the stream run as dynamic int8 GEMMs (float outputs: XNNPACK's
+            static GEMMs can only write int8). Either costs no multiply-accumulates off
+            int8: the stream is written by adds, which have none.
     """
 
     def __init__(self, config: QuantConfig | None = None, target: Target = "reference",
@@ -230,7 +231,8 @@ class EscQuantizer(Quantizer):
             return AnnotationRecord(node.name, op, module, False, "float", skip)
         residual = node in self._residual
         if residual and self.residual == "float":
-            return AnnotationRecord(node.name, op, module, False, "float", "residual stream kept float (residual='float')")
+            return AnnotationRecord(node.name, op, module, False, "float",
+                                    "residual stream kept float (residual='float')")
         stream = frozenset(float_tensor_inputs(node) if residual else
                            (a for a in node.args if isinstance(a, Node) and a in self._residual))
         wide = stream if self.residual == "int16" else frozenset()

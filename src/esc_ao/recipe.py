@@ -23,17 +23,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from esc_ao.annotators import ResidualPrecision, Target
 from esc_ao.config import QuantConfig
+from esc_ao.graph_prep import tied_linears
 from esc_ao.pipeline import Batch, observe, prepare
 from esc_ao.precision import PrecisionPlan, plan_precision
 from esc_ao.quantizer import EscQuantizer
-from esc_ao.graph_prep import drop_noop_casts, resolve_attr
 from esc_ao.transforms import TransformRecord, gptq, smooth
-from esc_ao.transforms.smooth import shared_weight
 
 __all__ = ["RECIPE_FLAGS", "Prepared", "Recipe", "split_method"]
 
@@ -70,7 +68,8 @@ class Recipe:
                              "multiply-accumulates), or None for no mixed precision")
         # the same check EscQuantizer makes, at the place the recipe is written
         if self.residual == "int16" and self.target == "xnnpack":
-            raise ValueError("recipe +xnn+r16: XNNPACK has no 16-bit kernels; use +xnn+rf (float residual stream)")
+            raise ValueError("residual stream 'int16' on the XNNPACK target: XNNPACK has no 16-bit kernels; use "
+                             "'float' (recipe +xnn+rf, --residual float) or the reference target")
 
     @property
     def suffix(self) -> str:
@@ -111,18 +110,19 @@ class Recipe:
         measures the plan on the observed model, then prepares and observes a copy of the
         transformed graph again with the plan's overrides."""
         transforms = self.transform(gm, batches, config)
-        pristine = copy.deepcopy(gm) if self.precision_budget is not None else None
+        budget = self.precision_budget
+        pristine = copy.deepcopy(gm) if budget is not None else None  # prepare consumes its graph
         quantizer = self._with_float(self.quantizer(config, gm), keep_float)
         prepared = prepare(gm, quantizer)
         observe(prepared, batches)
-        plan = None
-        if pristine is not None and self.precision_budget is not None:
-            plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], self.precision_budget)
-            higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
-                dataclasses.replace(config, weight_bits=8, act_bits=8)
-            quantizer = plan.apply(self._with_float(self.quantizer(config, pristine), keep_float), higher)
-            prepared = prepare(pristine, quantizer)
-            observe(prepared, batches)
+        if budget is None or pristine is None:
+            return Prepared(prepared, quantizer, transforms, None)
+        plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], budget)
+        higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
+            dataclasses.replace(config, weight_bits=8, act_bits=8)
+        quantizer = plan.apply(self._with_float(self.quantizer(config, pristine), keep_float), higher)
+        prepared = prepare(pristine, quantizer)
+        observe(prepared, batches)
         return Prepared(prepared, quantizer, transforms, plan)
 
     @staticmethod
@@ -163,19 +163,9 @@ def split_method(method: str) -> tuple[str, Recipe]:
     if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
         raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
-    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual, smooth="sq" in flags,
-                        gptq="gptq" in flags, tied_8bit="t8" in flags, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
-
-
-def tied_linears(graph: GraphModule) -> list[str]:
-    """Names of the linear nodes whose weight is also read elsewhere (a tied embedding)."""
-    drop_noop_casts(graph)  # a cast between a weight and its linear would hide the weight
-    out = []
-    for node in graph.graph.nodes:
-        w = node.args[1] if node.op == "call_function" and node.target == torch.ops.aten.linear.default else None
-        if isinstance(w, Node) and w.op == "get_attr" and shared_weight(graph, resolve_attr(graph, w.target), w):
-            out.append(node.name)
-    return out
+    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
+                        smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
+                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
 
 
 def _is_percent(text: str) -> bool:

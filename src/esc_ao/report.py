@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.atomic import atomic_path
 from esc_ao.graph_prep import resolve_attr
+from esc_ao.objectives import output_tensors
 from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 
@@ -27,7 +28,6 @@ __all__ = [
     "layer_sqnr",
     "observer_stats",
     "output_sqnr",
-    "output_tensors",
     "sqnr_db",
     "weight_bytes",
     "write_json_atomic",
@@ -42,17 +42,6 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     if signal_power <= 0.0:
         return -math.inf
     return 10.0 * math.log10(signal_power / noise_power)
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output (nested tuples, lists and dicts), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in output_tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in output_tensors(o)]
-    return []
 
 
 class _Capture(Interpreter):

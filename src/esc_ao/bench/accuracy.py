@@ -10,8 +10,8 @@ table is built over several runs and an interrupted run loses at most the cell i
 After every cell the outputs are rewritten (esc_ao.bench.accuracy_table).
 
 Quantized graphs are EscQuantizer(target="reference") unless a recipe says +xnn: full
-integer quantization (linear, conv, attention matmuls, residual adds, LayerNorm in/out), evaluated as the converted
-reference graph (integer grids, float arithmetic between them), made fast to run by
+integer quantization (linear, conv, attention matmuls, residual adds, LayerNorm in/out),
+evaluated as the converted reference graph (integer grids, float arithmetic between them), made fast to run by
 esc_ao.eval_graph.for_evaluation (bit-identical outputs).
 
 A method may carry a recipe suffix (esc_ao.recipe), e.g. ``mse+r16+sq``: the same

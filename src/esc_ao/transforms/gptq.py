@@ -24,11 +24,10 @@ from typing import Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.graph_prep import drop_noop_casts, resolve_attr
+from esc_ao.graph_prep import replace_parameter, resolve_attr, tied_linears
 from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
-from esc_ao.transforms.records import TransformRecord
-from esc_ao.transforms.smooth import replace_parameter, shared_weight
+from esc_ao.transforms.records import TransformRecord, check_finite
 
 __all__ = ["gptq"]
 
@@ -50,6 +49,7 @@ class _Hessians(Interpreter):
     def run_node(self, n: Node) -> object:
         if n.name in self.linears:
             x = self.env[n.args[0]].detach().reshape(-1, self.env[n.args[0]].shape[-1]).double()
+            check_finite(x, "gptq", f"the input of {n.name}")
             self.h[n.name] = self.h.get(n.name, 0) + x.T @ x
             self.rows[n.name] = self.rows.get(n.name, 0) + x.shape[0]
             if n.name not in self.sample:
@@ -65,7 +65,7 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int) -> list[Tr
     if not batches:
         raise ValueError("gptq needs at least one calibration batch to estimate each layer's Hessian")
     qmax = qrange(weight_bits, weight=True)[1]
-    drop_noop_casts(gm)
+    tied = set(tied_linears(gm))  # also drops no-op casts that would hide weights
     records: list[TransformRecord] = []
     linears: list[Node] = []
     for node in gm.graph.nodes:
@@ -74,7 +74,7 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int) -> list[Tr
         w = node.args[1]
         if not (isinstance(w, Node) and w.op == "get_attr"):
             records.append(TransformRecord(node.name, "gptq", False, "weight is not a parameter of the graph"))
-        elif shared_weight(gm, resolve_attr(gm, w.target), w):
+        elif node.name in tied:
             records.append(TransformRecord(node.name, "gptq", False, "weight also used elsewhere (tied weights)"))
         else:
             linears.append(node)

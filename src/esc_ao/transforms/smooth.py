@@ -27,12 +27,12 @@ from typing import Iterable, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.graph_prep import drop_noop_casts, resolve_attr
+from esc_ao.graph_prep import drop_noop_casts, replace_parameter, resolve_attr, shared_weight
 from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
-from esc_ao.transforms.records import TransformRecord
+from esc_ao.transforms.records import TransformRecord, check_finite
 
-__all__ = ["SMOOTH_ALPHAS", "replace_parameter", "shared_weight", "smooth"]
+__all__ = ["SMOOTH_ALPHAS", "smooth"]
 
 aten = torch.ops.aten
 SMOOTH_ALPHAS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -102,24 +102,11 @@ def _site(gm: GraphModule, norm: Node) -> tuple[_Site | None, str]:
         if not (isinstance(r.args[1], Node) and r.args[1].op == "get_attr"):
             return None, f"{r.name}'s weight is not a parameter of the graph"
     weights = [resolve_attr(gm, r.args[1].target) for r in readers]
-    for r, w in zip(readers, weights):
-        if shared_weight(gm, w, r.args[1]):
+    for r in readers:
+        if shared_weight(gm, r.args[1]):
             return None, f"{r.name}'s weight is also used elsewhere (tied weights)"
     return _Site(norm, (str(w_node.target), str(b_node.target)), readers, [str(r.args[1].target) for r in readers],
                  weights), ""
-
-
-def shared_weight(gm: GraphModule, weight: torch.Tensor, node: Node) -> bool:
-    """Whether the parameter a get_attr node reads is read elsewhere too (by another op,
-    or under another name, as a tied embedding and output projection are)."""
-    if len(node.users) > 1:
-        return True
-    for other in gm.graph.nodes:
-        if other.op == "get_attr" and other is not node:
-            obj = resolve_attr(gm, other.target)
-            if isinstance(obj, torch.Tensor) and obj.data_ptr() == weight.data_ptr():
-                return True
-    return False
 
 
 class _Recorder(Interpreter):
@@ -133,6 +120,7 @@ class _Recorder(Interpreter):
     def run_node(self, n: Node) -> object:
         out = super().run_node(n)
         if n.name in self.names and isinstance(out, torch.Tensor):
+            check_finite(out, "smooth", f"the output of {n.name}")
             self.rows[n.name].append(out.detach().reshape(-1, out.shape[-1]).float())
         return out
 
@@ -209,14 +197,3 @@ def _apply(gm: GraphModule, site: _Site, s: torch.Tensor) -> None:
             replace_parameter(gm, target, resolve_attr(gm, target) / s)
         for target in site.weight_targets:
             replace_parameter(gm, target, resolve_attr(gm, target) * s)
-
-
-def replace_parameter(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    """Sets the graph's parameter ``target`` to a new tensor (never in place: the exported
-    graph shares its parameters with the model it came from)."""
-    owner, _, name = target.rpartition(".")
-    module = resolve_attr(gm, owner) if owner else gm
-    old = getattr(module, name)
-    new = torch.nn.Parameter(value.detach().clone(), requires_grad=False) if isinstance(old, torch.nn.Parameter) \
-        else value.detach().clone()
-    setattr(module, name, new)
