@@ -93,6 +93,23 @@ class Specs:
     weight: QuantizationSpec
     wide: QuantizationSpec  # 16-bit activations, same method: the residual stream's grid
     dynamic: QuantizationSpec  # int8 input quantized at run time (XNNPACK's qd8 GEMMs)
+    grouped: QuantizationSpec | None = None  # group-wise linear weights (QuantConfig.weight_group)
+    group_size: int | None = None
+
+    def weight_for(self, node: Node) -> QuantizationSpec:
+        """The weight spec of a weighted op: group-wise for a linear whose input width
+        the group divides, per-channel otherwise."""
+        return self.grouped if uses_groups(node, self.group_size) and self.grouped is not None else self.weight
+
+
+def uses_groups(node: Node, group_size: int | None) -> bool:
+    """Whether a weighted op gets group-wise weights: a linear whose (out, in) weight has
+    ``in`` a multiple of the group (convs keep per-channel weights)."""
+    if group_size is None or node.target != aten.linear.default:
+        return False
+    w = node.args[1]
+    val = w.meta.get("val") if isinstance(w, Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[1] % group_size == 0
 
 
 def graph_outputs(nodes: Iterable[Node]) -> set[Node]:
@@ -179,9 +196,9 @@ def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "refere
         if not (isinstance(x, Node) and isinstance(w, Node)):
             return False
         if float_output:
-            inputs, output = {x: specs.dynamic, w: specs.weight}, None
+            inputs, output = {x: specs.dynamic, w: specs.weight_for(node)}, None
         else:
-            inputs, output = {x: grid(x), w: specs.weight}, (act if xnn else None)
+            inputs, output = {x: grid(x), w: specs.weight_for(node)}, (act if xnn else None)
     elif role in ("binary", "matmul"):
         tensors = float_tensor_inputs(node)
         if len(tensors) < 2:

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)")
     r.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ rounding of the linears' weights (default: on at 4-bit weights, off at 8)")
+    r.add_argument("--weight-group", type=int, default=None, metavar="N",
+                   help="group-wise linear weights: one scale per N input channels of each output channel "
+                        "(a power of two, e.g. 32; reference target only; default: per-channel)")
     r.add_argument("--precision-budget", type=float, default=None, metavar="FRACTION",
                    help="mixed precision: raise the most sensitive layer groups (to float at W8A8, to W8A8 under "
                         "4 bits) within this fraction of the multiply-accumulates, e.g. 0.05 (default: none)")
@@ -146,9 +149,12 @@ def _quantize(args: argparse.Namespace) -> int:
     use_gptq = args.gptq if args.gptq is not None else args.weight_bits == 4
     try:  # Recipe checks the combination (--residual with --target, --precision-budget's range)
         recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
-                        precision_budget=args.precision_budget)
+                        weight_group=args.weight_group, precision_budget=args.precision_budget)
     except ValueError as exc:
         raise SystemExit(f"esc-ao quantize: {exc}") from exc
+    if args.weight_group is not None and not args.no_pte:
+        raise SystemExit("esc-ao quantize: --weight-group has no ExecuTorch kernel with static int8 inputs, so no "
+                         ".pte can hold it: add --no-pte (model.pt2 keeps the group-wise program)")
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
                           checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,

@@ -21,6 +21,11 @@ class QuantConfig:
 
     Args:
         weight_bits: 8 or 4. Weights are per-channel symmetric on the output channel.
+        weight_group: None (one scale per output channel), or a group size: a linear's
+            weight then gets one scale per output channel and per ``weight_group``
+            consecutive input channels (group-wise weights, as int4 LLM and 8da4w
+            schemes use; Qualcomm's block quantization). A linear whose input width is
+            not a multiple of it, and every conv, keeps per-channel weights.
         act_bits: 8 or 4. Activations are per-tensor; 4-bit grids are int8 tensors
             restricted to [-8, 7] so int8 kernels can execute them exactly.
         method: activation calibration method, one of ``METHODS``.
@@ -32,6 +37,7 @@ class QuantConfig:
     """
 
     weight_bits: int = 8
+    weight_group: int | None = None
     act_bits: int = 8
     method: str = "esc"
     act_symmetric: bool = True
@@ -45,6 +51,13 @@ class QuantConfig:
                     f"QuantConfig.{field}={value!r} is not supported: use 8 or 4 "
                     "(4-bit grids run on int8 kernels restricted to [-8, 7])."
                 )
+        group = self.weight_group
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 8
+                                  or group & (group - 1)):
+            raise ValueError(
+                f"QuantConfig.weight_group={group!r} must be None (per-channel weights) or a power of two "
+                ">= 8, e.g. 32, 64 or 128."
+            )
         if self.method not in METHODS:
             raise ValueError(
                 f"QuantConfig.method={self.method!r} is unknown: use one of {', '.join(METHODS)}."

@@ -27,7 +27,8 @@ from esc_ao.observers import fake_quantize
 __all__ = ["for_evaluation"]
 
 _QD = torch.ops.quantized_decomposed
-_DEQUANTIZE = (_QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.default)
+_DEQUANTIZE = (_QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.default,
+               _QD.dequantize_per_channel_group.default)
 
 
 def for_evaluation(converted: GraphModule) -> GraphModule:

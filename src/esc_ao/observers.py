@@ -36,6 +36,7 @@ __all__ = [
     "ActivationObserver",
     "EntropyObserver",
     "EscObserver",
+    "GroupWeightObserver",
     "MSEObserver",
     "MaxObserver",
     "NonFiniteActivationError",
@@ -321,6 +322,81 @@ class PerChannelWeightObserver(UniformQuantizationObserverBase):
             raise RuntimeError(f"weight observer {self.label} has seen no weight: run the model once")
         scale = torch.clamp(self.absmax / self.quant_max, min=float(self.eps))
         return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+
+class GroupWeightObserver(PerChannelWeightObserver):
+    """Group-wise symmetric weight observer for a linear's (out, in) weight: one scale
+    per output channel and per ``group_size`` consecutive input channels,
+    scale = max|w_group| / quant_max. Converts to quantized_decomposed's
+    quantize_per_channel_group / dequantize_per_channel_group pair (the weight format of
+    ExecuTorch's 8da4w export), with scales of shape (out, in / group_size)."""
+
+    def __init__(self, group_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group_size = group_size
+
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
+        if w.dim() != 2 or w.shape[1] % self.group_size:
+            raise ValueError(f"weight {self.label} of shape {tuple(w.shape)} cannot take groups of "
+                             f"{self.group_size}: a 2-D (out, in) weight with in a multiple of the group is needed")
+        return w.detach().float().reshape(w.shape[0], -1, self.group_size)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            groups = self._groups(w)
+            if not bool(torch.isfinite(groups).all()):
+                raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
+            amax = groups.abs().amax(dim=2)
+            self.absmax = amax if self.absmax.numel() == 0 else torch.maximum(self.absmax, amax)
+        if self.fake_quant:
+            key = (w.data_ptr(), w._version, tuple(w.shape))
+            if self._fq_cache is None or self._fq_cache[0] != key or self.observing:
+                self._fq_cache = (key, self._dequantize(self._quantize(w)))
+            return self._fq_cache[1]
+        return w
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.calculate_qparams()
+        return torch.ops.quantized_decomposed.quantize_per_channel_group(
+            w, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size)
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.calculate_qparams()
+        return torch.ops.quantized_decomposed.dequantize_per_channel_group(
+            q, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size, torch.float32)
+
+    def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+        """Replaces this observer's node by the group quantize/dequantize pair (called by
+        convert_pt2e for observers that define ``convert``). The weight is quantized here,
+        once, so the program holds int8 levels, not the float weight."""
+        weight_node = node.args[0]
+        if not (isinstance(weight_node, torch.fx.Node) and weight_node.op == "get_attr"):
+            raise ValueError(f"group-wise weight observer {self.label} must watch a weight attribute, "
+                             f"not {weight_node}")
+        weight = model.get_parameter(str(weight_node.target)) if _is_parameter(model, weight_node) \
+            else model.get_buffer(str(weight_node.target))
+        scale, zp = self.calculate_qparams()
+        stem = str(node.target)
+        for suffix, value in (("_group_int", self._quantize(weight.detach())), ("_group_scale", scale),
+                              ("_group_zero_point", zp)):
+            model.register_buffer(stem + suffix, value)
+        graph = model.graph
+        with graph.inserting_before(node):
+            q, s, z = (graph.get_attr(stem + sfx) for sfx in ("_group_int", "_group_scale", "_group_zero_point"))
+            dq = graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel_group.default,
+                                     (q, s, z, self.quant_min, self.quant_max, torch.int8, self.group_size,
+                                      torch.float32))
+        dq.meta = dict(node.meta)
+        node.replace_all_uses_with(dq)
+        graph.erase_node(node)
+
+
+def _is_parameter(model: torch.nn.Module, node: torch.fx.Node) -> bool:
+    try:
+        model.get_parameter(str(node.target))
+        return True
+    except AttributeError:
+        return False
 
 
 Observer = ActivationObserver | PerChannelWeightObserver

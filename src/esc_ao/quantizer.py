@@ -33,6 +33,7 @@ from esc_ao.annotators import (
     graph_outputs,
     is_annotated,
     residual_adds,
+    uses_groups,
     xnnpack_skip_reason,
 )
 from esc_ao.config import QuantConfig
@@ -41,6 +42,7 @@ from esc_ao.observers import (
     ActivationObserver,
     EntropyObserver,
     EscObserver,
+    GroupWeightObserver,
     MaxObserver,
     MSEObserver,
     PerChannelWeightObserver,
@@ -184,6 +186,11 @@ class EscQuantizer(Quantizer):
     def specs(self, config: QuantConfig) -> Specs:
         """The (cached, hence shared) specs of one config."""
         if config not in self._specs:
+            if config.weight_group is not None and self.target == "xnnpack":
+                # XNNPACK's group-wise (qb4w) GEMMs take dynamically quantized inputs only.
+                raise ValueError(f"QuantConfig.weight_group={config.weight_group} on target='xnnpack': XNNPACK runs "
+                                 "group-wise weights only with dynamic int8 inputs (its 8da4w GEMMs), not with "
+                                 "static activations; use weight_group=None there, or target='reference'")
             self._specs[config] = _build_specs(config)
         return self._specs[config]
 
@@ -253,6 +260,8 @@ class EscQuantizer(Quantizer):
         if self.target == "xnnpack":
             detail = {"weighted": "per-channel weight, per-tensor input and output",
                       "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
+        if uses_groups(node, config.weight_group):
+            detail = detail.replace("per-channel weight", f"group-{config.weight_group} weight")
         if wide:
             detail += ", residual stream on a 16-bit grid"
         if float_out:
@@ -336,4 +345,13 @@ def _build_specs(config: QuantConfig) -> Specs:
         ch_axis=0,
         observer_or_fake_quant_ctr=PerChannelWeightObserver,
     )
-    return Specs(activation=act, weight=weight, wide=wide, dynamic=dynamic)
+    grouped = None if config.weight_group is None else QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=wmin,
+        quant_max=wmax,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        observer_or_fake_quant_ctr=GroupWeightObserver.with_args(group_size=config.weight_group),
+    )
+    return Specs(activation=act, weight=weight, wide=wide, dynamic=dynamic, grouped=grouped,
+                 group_size=config.weight_group)

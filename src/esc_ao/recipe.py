@@ -11,6 +11,9 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
 - ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both);
 - ``+t8``: under 4-bit weights, a linear whose weight is tied to an embedding (Whisper's
   output projection) keeps 8-bit weights, as LLM quantizers keep their output heads;
+- ``+gN``: group-wise linear weights, one scale per N input channels of each output
+  channel (QuantConfig.weight_group; reference target: XNNPACK runs such weights only
+  with dynamic inputs);
 - ``+mpN``: mixed precision (esc_ao.precision): the most sensitive layer groups, at most
   N % of the weighted ops' multiply-accumulates, raised to float at W8A8 and to W8A8
   under a 4-bit config.
@@ -60,9 +63,16 @@ class Recipe:
     smooth: bool = False
     gptq: bool = False
     tied_8bit: bool = False
+    weight_group: int | None = None
     precision_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.weight_group is not None:
+            QuantConfig(weight_group=self.weight_group)  # the same check, where the recipe is written
+            if self.target == "xnnpack":
+                raise ValueError(f"weight_group={self.weight_group} on the XNNPACK target: XNNPACK runs group-wise "
+                                 "weights only with dynamic int8 inputs; drop +g/--weight-group or use the reference "
+                                 "target")
         if self.precision_budget is not None and not 0.0 < self.precision_budget <= 1.0:
             raise ValueError(f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
                              "multiply-accumulates), or None for no mixed precision")
@@ -77,27 +87,37 @@ class Recipe:
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
             [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else []) + \
             (["gptq"] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
+            ([f"g{self.weight_group}"] if self.weight_group is not None else []) + \
             ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
         return "".join(f"+{f}" for f in flags)
 
     def describe(self) -> str:
-        parts = [RECIPE_FLAGS[f] if f in RECIPE_FLAGS else f"mixed precision within {f[2:]} % of MACs"
+        parts = [RECIPE_FLAGS[f] if f in RECIPE_FLAGS else
+                 f"group-{f[1:]} weights" if f.startswith("g") else f"mixed precision within {f[2:]} % of MACs"
                  for f in self.suffix.split("+") if f]
         return ", ".join(parts) or "plain (reference target, int8 residual stream, no transforms)"
 
+    def configure(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with this recipe's weight grouping."""
+        if self.weight_group is None:
+            return config
+        return dataclasses.replace(config, weight_group=self.weight_group)
+
     def transform(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig) -> list[TransformRecord]:
         """Rewrites ``gm`` in place (before prepare); returns what each transform did."""
+        config = self.configure(config)
         records: list[TransformRecord] = []
         if self.smooth:
             records += smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits,
                               weight_bits=config.weight_bits)
         if self.gptq:
-            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits)
+            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits, config.weight_group)
         return records
 
     def quantizer(self, config: QuantConfig, graph: GraphModule | None = None) -> EscQuantizer:
         """EscQuantizer for this recipe; with ``graph`` (the exported graph it will prepare)
         and ``tied_8bit``, its tied-weight linears get 8-bit weights under a 4-bit config."""
+        config = self.configure(config)
         quantizer = EscQuantizer(config, target=self.target, residual=self.residual)
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
@@ -119,7 +139,7 @@ class Recipe:
             return Prepared(prepared, quantizer, transforms, None)
         plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], budget)
         higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
-            dataclasses.replace(config, weight_bits=8, act_bits=8)
+            dataclasses.replace(self.configure(config), weight_bits=8, act_bits=8)
         quantizer = plan.apply(self._with_float(self.quantizer(config, pristine), keep_float), higher)
         prepared = prepare(pristine, quantizer)
         observe(prepared, batches)
@@ -151,10 +171,15 @@ def split_method(method: str) -> tuple[str, Recipe]:
             mixed-precision budget that is not a percentage.
     """
     base, *flags = method.split("+")
-    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp")]
+    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp") and not _is_group(f)]
     if unknown:
         raise ValueError(f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
-                         + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items()))
+                         + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items())
+                         + ", +gN (group-wise weights, N a power of two >= 8), +mpN (mixed precision)")
+    groups = [int(f[1:]) for f in flags if _is_group(f)]
+    flags = [f for f in flags if not _is_group(f)]
+    if len(groups) > 1:
+        raise ValueError(f"method {method!r}: one weight-group flag +gN at most")
     budgets = [f for f in flags if f.startswith("mp")]
     flags = [f for f in flags if not f.startswith("mp")]
     if len(budgets) > 1 or any(not _is_percent(b[2:]) for b in budgets):
@@ -165,7 +190,11 @@ def split_method(method: str) -> tuple[str, Recipe]:
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
                         smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
-                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+                        weight_group=groups[0] if groups else None, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+
+
+def _is_group(flag: str) -> bool:
+    return flag[:1] == "g" and flag[1:].isdigit()
 
 
 def _is_percent(text: str) -> bool:

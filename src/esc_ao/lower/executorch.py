@@ -128,6 +128,8 @@ def to_executorch(
     path = Path(path)
     if path.suffix != ".pte":
         raise ValueError(f"path={str(path)!r} must end in .pte (ExecuTorch program)")
+    if isinstance(model, GraphModule):
+        _refuse_group_weights(model)
     start = time.perf_counter()
     graph = copy.deepcopy(model)
     if isinstance(graph, GraphModule):
@@ -168,6 +170,19 @@ def to_executorch(
             raise LoweringError(f"the lowered program's output is {snr:.1f} dB from the model's "
                                 f"(max abs diff {diff:.3g}); below min_sqnr_db={floor}: {coverage.summary()}")
     return LoweringResult(path, path.stat().st_size, snr, diff, coverage, seconds)
+
+
+def _refuse_group_weights(model: GraphModule) -> None:
+    """Group-wise weights (QuantConfig.weight_group) have no ExecuTorch kernel beside a
+    static-input GEMM: XNNPACK runs them only behind dynamically quantized inputs and the
+    portable quantized library has no group dequantize. Refused before any work."""
+    nodes = [n.name for n in model.graph.nodes
+             if n.target == torch.ops.quantized_decomposed.dequantize_per_channel_group.default]
+    if nodes:
+        raise LoweringError(f"{len(nodes)} group-wise weight(s) ({', '.join(nodes[:3])}"
+                            f"{', ...' if len(nodes) > 3 else ''}): ExecuTorch has no kernel for group-wise weights "
+                            "with static int8 inputs; keep the converted program (model.pt2) for a target that runs "
+                            "them, or quantize with per-channel weights (weight_group=None) for a .pte")
 
 
 def _load_quantized_kernels() -> None:

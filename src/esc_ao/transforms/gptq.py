@@ -6,10 +6,13 @@ error over the columns not yet rounded, weighted by the inverse Hessian of the l
 output error, H = X^T X over the calibration inputs X. At 4 bits this is what keeps a
 layer's output close to float where rounding each weight alone does not.
 
-The weights written back lie exactly on the grid the quantizer's per-channel observer
-will find: each output channel keeps its scale max|w| / qmax (its largest weight is held
-at +-qmax while its other weights absorb the error, and levels stay within
-[-qmax, qmax]), so the observer's round-to-nearest reproduces GPTQ's integers. Unlike
+The weights written back lie exactly on the grid the quantizer's weight observer will
+find: each output channel (or, with ``group_size``, each group of ``group_size``
+consecutive input channels of it) keeps its scale max|w| / qmax (its largest weight is
+held at +-qmax while its other weights absorb the error, and levels stay within
+[-qmax, qmax]), so the observer's round-to-nearest reproduces GPTQ's integers. Group
+scales are those of the float weight ("static groups"), so the grid is known before the
+columns are rounded. Unlike
 the smoothing transform this one is not float-exact: it moves the weights onto the grid
 of ``weight_bits``, so it must run with that bit width.
 
@@ -58,10 +61,12 @@ class _Hessians(Interpreter):
         return super().run_node(n)
 
 
-def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int) -> list[TransformRecord]:
+def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
+         group_size: int | None = None) -> list[TransformRecord]:
     """GPTQ-rounds the weight of every linear of ``gm`` in place for ``weight_bits``-bit
-    per-channel grids; returns one record per linear (skipped: tied or non-parameter
-    weights)."""
+    per-channel grids, or group-wise ones where ``group_size`` divides the input width
+    (as ``QuantConfig.weight_group``); returns one record per linear (skipped: tied or
+    non-parameter weights)."""
     if not batches:
         raise ValueError("gptq needs at least one calibration batch to estimate each layer's Hessian")
     qmax = qrange(weight_bits, weight=True)[1]
@@ -86,28 +91,38 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int) -> list[Tr
             target = str(node.args[1].target)
             weight = resolve_attr(gm, target).detach().float()
             h = stats.h[node.name] / stats.rows[node.name]
-            rounded = _gptq_rows(weight, h.float(), qmax)
+            group = group_size if group_size is not None and weight.shape[1] % group_size == 0 else weight.shape[1]
+            rounded = _gptq_rows(weight, h.float(), qmax, group)
             x = stats.sample[node.name]
-            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
+            scale = _group_scales(weight, qmax, group).repeat_interleave(group, dim=1)
             rtn = (weight / scale).round().clamp(-qmax, qmax) * scale
             ref = x @ weight.T
             ratio = float((x @ rounded.T - ref).pow(2).sum() / (x @ rtn.T - ref).pow(2).sum().clamp(min=1e-30))
             replace_parameter(gm, target, rounded.to(resolve_attr(gm, target).dtype))
-            records.append(TransformRecord(node.name, "gptq", True, f"{weight_bits}-bit weights; layer output error "
-                                                                    f"x{ratio:.3f} of round-to-nearest"))
+            grid = f" group-{group}" if group != weight.shape[1] else ""  # per-channel: no word
+            records.append(TransformRecord(node.name, "gptq", True, f"{weight_bits}-bit{grid} weights; layer output "
+                                                                    f"error x{ratio:.3f} of round-to-nearest"))
     gm.recompile()
     return records
 
 
-def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int) -> torch.Tensor:
-    """The weight (out, in) rounded column by column onto per-row grids of scale
-    max|w_row| / qmax, each column's error spread over the later ones through the
-    Cholesky factor of H^-1 (the GPTQ update)."""
+def _group_scales(weight: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
+    """(out, in / group) scales max|w_group| / qmax, as the weight observers compute them."""
+    return weight.abs().reshape(weight.shape[0], -1, group).amax(dim=2).clamp(min=1e-12) / qmax
+
+
+def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
+    """The weight (out, in) rounded column by column onto grids of scale
+    max|w_group| / qmax per row and group of ``group`` columns (``group`` = in: per row),
+    each column's error spread over the later ones through the Cholesky factor of H^-1
+    (the GPTQ update)."""
     w = weight.clone()
     out_features, in_features = w.shape
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
-    pinned = w.abs().argmax(dim=1)  # each row's largest weight stays at +-qmax: keeps its scale
-    pinned_level = torch.sign(w[torch.arange(out_features), pinned]) * qmax
+    rows_idx = torch.arange(out_features)
+    scales = _group_scales(w, qmax, group)  # (out, groups)
+    # each group's largest weight stays at +-qmax: keeps its scale (absolute column index)
+    pinned = w.abs().reshape(out_features, -1, group).argmax(dim=2) + torch.arange(0, in_features, group)
+    pinned_level = torch.sign(w[rows_idx[:, None], pinned]) * qmax
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -117,9 +132,11 @@ def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int) -> torch.Tensor
     q = torch.empty_like(w)
     for i in range(in_features):
         col = w[:, i]
+        g = i // group
+        scale = scales[:, g]
         level = (col / scale).round().clamp(-qmax, qmax)
-        rows = pinned == i
-        level[rows] = pinned_level[rows]
+        rows = pinned[:, g] == i
+        level[rows] = pinned_level[rows, g]
         q[:, i] = level * scale
         err = (col - q[:, i]) / hinv[i, i]
         w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
