@@ -127,11 +127,15 @@ def find_scale_dims(prepared: GraphModule) -> list[ScaleDim]:
         NoObserversError: the model was not prepared, or was already converted.
     """
     dims: dict[int, ScaleDim] = {}  # by observer: a shared one is one dimension
+    dynamic = 0
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
         module = prepared.get_submodule(node.target)
-        if not isinstance(module, ObserverBase) or getattr(module, "is_dynamic", False):
+        if not isinstance(module, ObserverBase):
+            continue
+        if getattr(module, "is_dynamic", False):
+            dynamic += 1
             continue
         if not hasattr(module, "calculate_qparams") or not hasattr(module, "quant_min"):
             continue  # derived (bias) observers and placeholders have no scale of their own
@@ -149,6 +153,12 @@ def find_scale_dims(prepared: GraphModule) -> list[ScaleDim]:
             dims[id(obs)].nodes.append(node)
         else:
             dims[id(obs)] = ScaleDim(str(node.target), [node], obs)
+    if not dims and dynamic:
+        raise NoObserversError(
+            f"the graph's {dynamic} activation observer(s) are all dynamic (scales chosen at run time, e.g. "
+            "XNNPACKQuantizer with is_dynamic=True): ESC has no static scale to search; convert_pt2e the graph as "
+            "it is, or prepare it with static activations (is_dynamic=False) to calibrate them with ESC"
+        )
     if not dims:
         raise NoObserversError(
             "no activation observers found: pass the model returned by prepare_pt2e, after the calibration "
