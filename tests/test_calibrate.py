@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from _esc_helpers import run_search, small_setup
 from esc_ao import SearchConfig, calibrate, convert, observe
 from esc_ao.calibrate import CheckpointError, NonFiniteObjectiveError
+from esc_ao.checkpoint import load_checkpoint
 from esc_ao.objectives import OutputMSE
 from esc_ao.report import output_sqnr
 from esc_ao.search_space import NoObserversError, find_scale_dims
@@ -64,9 +64,8 @@ def test_budget_zero_runs_the_local_step_only() -> None:
 
 def _generations_in(ckpt: Path) -> int:
     try:
-        with open(ckpt, "rb") as f:
-            return len(pickle.load(f)["history"])
-    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+        return len(load_checkpoint(ckpt)["history"])
+    except (FileNotFoundError, CheckpointError):
         return 0
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.atomic import atomic_path
+from esc_ao.checkpoint import CheckpointError, load_checkpoint, object_state, restore_object, save_checkpoint
 from esc_ao.config import SearchConfig
 from esc_ao.distributed import Cluster, cluster_from_env
 from esc_ao.local_step import local_mse_scales
@@ -44,10 +42,6 @@ __all__ = ["CalibrationResult", "CheckpointError", "NonFiniteObjectiveError", "c
 log = logging.getLogger(__name__)
 
 _PENALTY = 1e30  # fitness of a candidate whose objective is NaN/Inf: ranked last
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that belongs to another model or search configuration."""
 
 
 class NonFiniteObjectiveError(RuntimeError):
@@ -141,18 +135,10 @@ def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: Sea
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        state = pickle.load(f)  # noqa: S301 - our own file, written by _save_checkpoint
+    state = load_checkpoint(path)
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was written for another model, calibration set or SearchConfig "
@@ -237,7 +223,7 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(dims, observer_scales, config, len(batches))
-    state = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path and cluster.is_driver else None
+    state = _load_state(ckpt_path, fingerprint) if ckpt_path and cluster.is_driver else None
     state = cluster.broadcast(state)
     if state is None:
         state = _start(prepared, dims, batches, config, evaluate, cluster, observer_scales, fingerprint)
@@ -309,11 +295,11 @@ def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], t
     cluster = evaluate.cluster
     es = None
     if cluster.is_driver:
-        if state["es"] is None:
-            es = cma.CMAEvolutionStrategy(np.zeros(len(evaluate.dims)), config.sigma0,
-                                          _cma_options(config, len(evaluate.dims)))
-        else:
-            es = pickle.loads(state["es"])  # noqa: S301 - our own checkpoint
+        es = cma.CMAEvolutionStrategy(np.zeros(len(evaluate.dims)), config.sigma0,
+                                      _cma_options(config, len(evaluate.dims)))
+        if state["es"] is not None:  # resume: pycma's state into the fresh object, then the RNG it samples from
+            restore_object(es, state["es"], "cma")
+            es.timer = cma.utilities.utils.ElapsedWCTime()  # wall clock only; pycma makes it in the first ask
             np.random.set_state(state["np_rng"])
     done = len(state["history"])
     bar = tqdm(total=config.budget, initial=done, desc="ESC", unit="gen",
@@ -345,7 +331,7 @@ def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], t
         bar.set_postfix(best=f"{min(finite):.4g}", mean=f"{np.mean(finite):.4g}", sigma=f"{sigma:.3g}")
         bar.update(1)
         if ckpt_path is not None and es is not None:
-            state["es"], state["np_rng"] = es.pickle_dumps(), np.random.get_state()
-            _save_checkpoint(ckpt_path, state)
+            state["es"], state["np_rng"] = object_state(es, "cma"), np.random.get_state()
+            save_checkpoint(ckpt_path, state)
     bar.close()
     state["x_mean"] = cluster.broadcast(state.get("x_mean"))

@@ -72,7 +72,7 @@ def load_trained(name: str, path: Path | None = None, for_export: bool = True) -
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint for {name!r}; train it with "
                                 f"examples/train_{name.replace('-', '_')}.py")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # data only: a checkpoint cannot run code
     build: Callable[..., nn.Module] = _CLASSES[name]
     config = dict(ck["config"])
     if name == "conformer-ctc":
