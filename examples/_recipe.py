@@ -103,7 +103,7 @@ class Run:
         self.epoch, self.step, self.best, self.best_state, self.history, self.spent = 0, 0, float("inf"), None, [], 0.0
         self.stopped = False
         if self.path.exists():
-            st = torch.load(self.path, weights_only=False)
+            st = torch.load(self.path, weights_only=True)  # data only, as every file esc-ao reads
             model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
             self.epoch, self.step, self.best, self.best_state, self.history, self.spent = (
                 st[k] for k in ("epoch", "step", "best", "best_state", "history", "spent"))
