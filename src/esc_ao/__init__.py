@@ -1,5 +1,6 @@
 """esc-ao: ESC calibration and full integer quantization of speech models in PT2E."""
 
+from esc_ao import _quiet  # noqa: F401 - first: filters an import-time notice of torchao
 from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.observers import (

@@ -1,18 +1,20 @@
 """Atomic file output: write to a temporary file beside the target, then rename.
 
 A reader never sees a partial file, and a failure (or a kill) leaves the old file, or
-nothing, at the target path.
+nothing, at the target path. ``staged_dir`` does the same for a set of files: a job's
+outputs appear together, or (on a failure) none of them does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "staged_dir"]
 
 
 @contextlib.contextmanager
@@ -32,3 +34,24 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yields an empty directory beside ``out_dir`` to write files into; on normal exit
+    each file is renamed into ``out_dir`` (created if needed; files already there under
+    other names are kept), on any exit the staging directory is gone. A failure part way
+    (a lowering error after the program was written) so leaves ``out_dir`` as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
+    try:
+        yield stage
+        out_dir.mkdir(exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in sorted(stage.iterdir()):
+            os.chmod(item, 0o666 & ~umask)
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

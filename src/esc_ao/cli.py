@@ -6,16 +6,19 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import torch
 
 from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
+from esc_ao.checkpoint import load_checkpoint
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
-from esc_ao.objectives import objective_by_name
 from esc_ao.job import JobInputs, quantize_job, whisper_default
+from esc_ao.objectives import objective_by_name
+from esc_ao.pipeline import check_batches, input_shapes
 from esc_ao.recipe import Recipe
 
 __all__ = ["main"]
@@ -26,9 +29,21 @@ DEFAULT_BUDGET = 8
 DEFAULT_POPSIZE = 8
 
 
+class UsageError(ValueError):
+    """A command-line value that cannot work: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the value and where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="esc-ao", description="Low-bit integer quantization of speech models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="esc-ao", description="Low-bit integer quantization of speech models.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     q = sub.add_parser("quantize", help="quantize a model and write the program and a report",
                        description="With no arguments: Whisper tiny.en's encoder, calibrated on the bundled clips.")
     q.add_argument("--program", type=Path, help="a saved torch.export program (.pt2) instead of the default model")
@@ -121,28 +136,89 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _program_inputs(program: Path, calib: Path | None) -> tuple[JobInputs, torch.fx.GraphModule]:
-    if calib is None:
-        raise SystemExit("--program needs --calib-data: a torch.save'd list of input tuples")
-    if not program.is_file():
-        raise SystemExit(f"--program {program}: no such file")
-    gm = torch.export.load(str(program)).module()
-    data = torch.load(calib, weights_only=True)
+def _load_calib(path: Path) -> list:
+    """The --calib-data file: a torch.save'd list of input tuples (data only)."""
+    if not path.is_file():
+        raise UsageError(f"--calib-data {path}: no such file")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a foreign or corrupt file
+        raise UsageError(f"--calib-data {path}: not a torch.save'd list of input tuples "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(data, (list, tuple)) or not data:
-        raise SystemExit(f"--calib-data {calib}: expected a non-empty list of input tuples, got {type(data).__name__}")
-    batches = [b if isinstance(b, tuple) else (b,) for b in data]
+        raise UsageError(f"--calib-data {path}: expected a non-empty list of input tuples, got "
+                         f"{type(data).__name__}{' (empty)' if isinstance(data, (list, tuple)) else ''}")
+    return list(data)
+
+
+def _program_inputs(program: Path, calib: Path | None) -> tuple[JobInputs, torch.fx.GraphModule]:
+    if not program.is_file():
+        raise UsageError(f"--program {program}: no such file")
+    try:
+        gm = torch.export.load(str(program)).module()
+    except Exception as exc:  # a foreign or truncated archive: many exception types
+        raise UsageError(f"--program {program}: not a torch.export program (.pt2) "
+                         f"({type(exc).__name__}); save one with torch.export.save") from None
+    if calib is None:
+        raise UsageError(f"--program {program} needs --calib-data: a torch.save'd list of input tuples")
+    batches = check_batches(_load_calib(calib), input_shapes(gm), what=f"--calib-data {calib}")
     split = max(1, len(batches) - max(1, len(batches) // 8))
     return JobInputs(program.stem, gm, batches[:split], batches[split:] or batches[-1:]), gm
+
+
+def _default_inputs(args: argparse.Namespace) -> JobInputs:
+    """Whisper tiny.en's encoder with the bundled clips, or with --calib-data when its
+    inputs fit the encoder (log-mel (1, 80, 3000) tensors)."""
+    from esc_ao.speech import bundled_clips
+
+    n = len(bundled_clips("calibration"))
+    if args.calib_clips is not None and not 1 <= args.calib_clips <= n:
+        raise UsageError(f"--calib-clips {args.calib_clips}: use 1..{n} (the bundled calibration clips)")
+    if args.calib_data is not None and args.calib_clips is not None:
+        raise UsageError("--calib-clips selects bundled clips and --calib-data replaces them: give one")
+    inputs = whisper_default(args.calib_clips)
+    if args.calib_data is not None:
+        expected = [tuple(inputs.calibration[0][0].shape)]
+        inputs.calibration = check_batches(_load_calib(args.calib_data), expected,
+                                           what=f"--calib-data {args.calib_data} (for Whisper tiny.en's encoder, "
+                                                f"log-mel {expected[0]})")
+        inputs.notes = {**inputs.notes, "calibration_voices": [f"--calib-data {args.calib_data}"]}
+    return inputs
+
+
+def _check_out(out: Path, flag: str = "--out") -> None:
+    """``out`` can be created (or written) here: probed with a directory made and removed
+    in its nearest existing ancestor, so a long job cannot fail at its last step."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out}: exists and is not a directory")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".esc-ao-probe-"))
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot write under {ancestor} ({exc.strerror}); pass a writable "
+                         "directory") from None
 
 
 def _quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method,
                          act_symmetric=not args.affine)
+    search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
+    _check_out(args.out)
+    if args.checkpoint is not None:
+        if args.method != "esc":
+            raise UsageError(f"--checkpoint is the ESC search's state; --method {args.method} has no search")
+        _check_out(args.checkpoint.parent, "--checkpoint")
+        if args.checkpoint.exists():
+            load_checkpoint(args.checkpoint)  # a foreign or corrupt file: refused now, not after the export
     if args.program is not None:
+        if args.calib_clips is not None:
+            raise UsageError("--calib-clips picks bundled clips for the default model; with --program give "
+                             "--calib-data")
         inputs, graph = _program_inputs(args.program, args.calib_data)
     else:
-        inputs, graph = whisper_default(args.calib_clips), None
-    search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
+        inputs, graph = _default_inputs(args), None
     # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
     driver = os.environ.get("RANK", "0") == "0"
     residual = args.residual or ("int16" if args.target == "reference" else "float")
@@ -151,10 +227,10 @@ def _quantize(args: argparse.Namespace) -> int:
         recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
                         weight_group=args.weight_group, precision_budget=args.precision_budget)
     except ValueError as exc:
-        raise SystemExit(f"esc-ao quantize: {exc}") from exc
+        raise UsageError(str(exc)) from exc
     if args.weight_group is not None and not args.no_pte:
-        raise SystemExit("esc-ao quantize: --weight-group has no ExecuTorch kernel with static int8 inputs, so no "
-                         ".pte can hold it: add --no-pte (model.pt2 keeps the group-wise program)")
+        raise UsageError("--weight-group has no ExecuTorch kernel with static int8 inputs, so no .pte can hold "
+                         "it: add --no-pte (model.pt2 keeps the group-wise program)")
     report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
                           search=search, objective=objective_by_name(args.objective),
                           checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,
@@ -169,8 +245,26 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command; an error is one line on stderr (exit 2: a value that cannot work,
+    1: a failure while working), with its traceback only under --debug."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    name = " ".join(filter(None, ["esc-ao", args.command, getattr(args, "bench", None)]))
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"{name}: {text}", file=sys.stderr)
+        # Bad values (ValueError and its kinds, a missing input file) are usage errors.
+        return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "quantize":
         return _quantize(args)
     if args.command == "bench" and args.bench == "baselines":
@@ -209,10 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings, args.eval_sets)
-        # bad names, a missing checkpoint, TTS engine, real-speech package or weights package: say which
-        except (ValueError, FileNotFoundError, MissingEngineError, MissingSourceError, WhisperWeightsError) as exc:
-            print(f"esc-ao bench accuracy: {exc}", file=sys.stderr)
-            return 2
+        # a missing TTS engine, real-speech package or weights package: what to install (usage, not failure)
+        except (MissingEngineError, MissingSourceError, WhisperWeightsError) as exc:
+            raise UsageError(str(exc)) from exc
         return 0
     if args.command == "corpus":
         from esc_ao.corpus import CORPORA, load_corpus, load_real_corpus

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from esc_ao.atomic import staged_dir
 from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.objectives import Objective
@@ -157,19 +158,19 @@ def quantize_job(
         "esc": esc.to_dict() if esc is not None else None,
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        report["size"]["program_file_bytes"] = save_program(converted, calibration[0], out_dir / "model.pt2")
-        if write_pte:
-            from esc_ao.lower import to_executorch
+        with staged_dir(Path(out_dir)) as stage:  # every output, or (on a failure) none
+            report["size"]["program_file_bytes"] = save_program(converted, calibration[0], stage / "model.pt2")
+            if write_pte:
+                from esc_ao.lower import to_executorch
 
-            lowered = to_executorch(converted, heldout[0], out_dir / "model.pte", act_bits=config.act_bits,
-                                    reference=inputs.model if graph is None else None)
-            report["executorch"] = {**lowered.as_dict(), "summary": lowered.coverage.summary()}
-        if esc is not None and esc.history:
-            plot_convergence(esc.history, esc.initial_objective, out_dir / "convergence.png")
-        write_json_atomic(out_dir / "report.json", report)
-        write_text_atomic(out_dir / "report.md", render_markdown(report))
+                lowered = to_executorch(converted, heldout[0], stage / "model.pte", act_bits=config.act_bits,
+                                        reference=inputs.model if graph is None else None)
+                report["executorch"] = {**lowered.as_dict(), "path": str(Path(out_dir) / "model.pte"),
+                                        "summary": lowered.coverage.summary()}
+            if esc is not None and esc.history:
+                plot_convergence(esc.history, esc.initial_objective, stage / "convergence.png")
+            write_json_atomic(stage / "report.json", report)
+            write_text_atomic(stage / "report.md", render_markdown(report))
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     return report
 

@@ -23,6 +23,8 @@ __all__ = [
     "ExportError",
     "Batch",
     "as_batches",
+    "check_batches",
+    "input_shapes",
     "convert",
     "export_model",
     "observe",
@@ -97,6 +99,47 @@ def as_batches(data: Iterable[Any]) -> list[Batch]:
             "no calibration batches: pass a non-empty list of model inputs "
             "(the ESC paper uses 100 utterances from the training split)"
         )
+    return batches
+
+
+def input_shapes(gm: GraphModule) -> list[tuple[int, ...] | None]:
+    """The static shape of each user input of an exported graph (None where a dimension
+    is symbolic or the input is not a tensor)."""
+    shapes: list[tuple[int, ...] | None] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape):
+            shapes.append(tuple(int(d) for d in val.shape))
+        else:
+            shapes.append(None)
+    return shapes
+
+
+def check_batches(data: Iterable[Any], expected: Sequence[tuple[int, ...] | None] | None = None,
+                  what: str = "calibration data") -> list[Batch]:
+    """``as_batches`` plus the checks a user's data needs before minutes of work: every
+    input a tensor, floating-point inputs finite, and, with ``expected`` (e.g.
+    ``input_shapes(graph)``), as many inputs per batch as the model takes, of its shapes.
+
+    Raises:
+        CalibrationDataError: naming the batch index, the input and what was expected.
+    """
+    batches = as_batches(data)
+    for i, batch in enumerate(batches):
+        if expected is not None and len(batch) != len(expected):
+            raise CalibrationDataError(f"{what}: batch {i} has {len(batch)} input(s), the model takes "
+                                       f"{len(expected)}")
+        for j, x in enumerate(batch):
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationDataError(f"{what}: batch {i} input {j} is a {type(x).__name__}, not a tensor")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise CalibrationDataError(f"{what}: batch {i} input {j} has NaN or Inf values; clean or drop it")
+            want = expected[j] if expected is not None else None
+            if want is not None and tuple(x.shape) != want:
+                raise CalibrationDataError(f"{what}: batch {i} input {j} has shape {tuple(x.shape)}, the model "
+                                           f"takes {want}")
     return batches
 
 

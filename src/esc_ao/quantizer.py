@@ -12,6 +12,8 @@ Usage:
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +214,29 @@ class EscQuantizer(Quantizer):
             if record is not None:
                 self._records.append(record)
         self._records.reverse()
+        self._check_overrides(model)
         return model
+
+    def _check_overrides(self, model: GraphModule) -> None:
+        """An override that matches nothing is a typo, not a request: refused with the
+        closest names the graph has (otherwise a --keep-float typo would quantize
+        everything and report success)."""
+        present: dict[str, set[str]] = {"module name": set(), "module type": set(), "node name": set()}
+        for node in model.graph.nodes:
+            present["node name"].add(node.name)
+            for name, type_name in _module_path(node):
+                present["module name"].add(name)
+                present["module type"].add(type_name)
+        for kind, wanted in (("module name", self.module_name_config), ("module type", self.module_type_config),
+                             ("node name", self.node_name_config)):
+            for key in wanted:
+                if key in present[kind]:
+                    continue
+                close = difflib.get_close_matches(key, sorted(present[kind]), n=3, cutoff=0.5)
+                hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(sorted(present[kind])[:3])}"
+                raise ValueError(f"{kind} {key!r} (set_{kind.replace(' ', '_')}"
+                                 f"{', --keep-float' if kind == 'module name' else ''}) matches nothing in the "
+                                 f"exported graph; {hint}")
 
     def _annotate_one(self, node: Node) -> AnnotationRecord | None:
         op = str(node.target)
