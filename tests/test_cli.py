@@ -63,10 +63,6 @@ def test_quantize_program_file(tmp_path: Path) -> None:
     assert report["model"] == "mlp" and report["output_sqnr_db"] > 25.0
 
 
-def test_program_without_calibration_data_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--calib-data"):
-        main(["quantize", "--program", str(tmp_path / "x.pt2")])
-
 
 def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None:
     out, ckpt = tmp_path / "out", tmp_path / "search.ckpt"
@@ -82,3 +78,16 @@ def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None
     assert esc["evaluations"] == 2 + 4 + 1
     assert (out / "convergence.png").stat().st_size > 1000 and ckpt.exists()
     assert "ESC:" in (out / "report.md").read_text()
+
+
+def test_calibration_data_that_fits_the_default_model_is_used(tmp_path: Path) -> None:
+    from esc_ao.speech import bundled_clips, whisper_mel
+
+    mels = [(whisper_mel(c.audio),) for c in bundled_clips("heldout")[:2]]
+    torch.save(mels, tmp_path / "mels.pt")
+    out = tmp_path / "out"
+    assert main(["quantize", "--calib-data", str(tmp_path / "mels.pt"), "--method", "mse", "--no-pte",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_batches"] == 2
+    assert report["notes"]["calibration_voices"] == [f"--calib-data {tmp_path / 'mels.pt'}"]

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -154,11 +155,18 @@ def _load_calib(path: Path) -> list:
 def _program_inputs(program: Path, calib: Path | None) -> tuple[JobInputs, torch.fx.GraphModule]:
     if not program.is_file():
         raise UsageError(f"--program {program}: no such file")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # torch.export.load logs a traceback before it raises
     try:
+        if not zipfile.is_zipfile(program):
+            raise zipfile.BadZipFile("not a zip archive")
         gm = torch.export.load(str(program)).module()
     except Exception as exc:  # a foreign or truncated archive: many exception types
         raise UsageError(f"--program {program}: not a torch.export program (.pt2) "
                          f"({type(exc).__name__}); save one with torch.export.save") from None
+    finally:
+        export_log.setLevel(level)
     if calib is None:
         raise UsageError(f"--program {program} needs --calib-data: a torch.save'd list of input tuples")
     batches = check_batches(_load_calib(calib), input_shapes(gm), what=f"--calib-data {calib}")
@@ -248,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs a command; an error is one line on stderr (exit 2: a value that cannot work,
     1: a failure while working), with its traceback only under --debug."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error argparse printed (2): a code, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
     name = " ".join(filter(None, ["esc-ao", args.command, getattr(args, "bench", None)]))
     try:
         return _dispatch(args)

@@ -200,6 +200,6 @@ def save_program(model: torch.nn.Module, example_inputs: Sequence[Any], path: Pa
     if path.parent and not path.parent.exists():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
     program = torch.export.export(model, tuple(example_inputs))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix=".pt2") as tmp:  # torch.export.save warns about any other suffix
         torch.export.save(program, tmp)
     return path.stat().st_size

@@ -225,7 +225,8 @@ class EscQuantizer(Quantizer):
         for node in model.graph.nodes:
             present["node name"].add(node.name)
             for name, type_name in _module_path(node):
-                present["module name"].add(name)
+                if name:  # the root module has the empty name
+                    present["module name"].add(name)
                 present["module type"].add(type_name)
         for kind, wanted in (("module name", self.module_name_config), ("module type", self.module_type_config),
                              ("node name", self.node_name_config)):
