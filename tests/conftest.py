@@ -10,13 +10,6 @@ import torch
 # Two cores: keep torch from oversubscribing when pytest runs alongside other work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-QDQ_TARGETS = {
-    "quantize": {"quantized_decomposed.quantize_per_tensor.default"},
-    "dequantize": {"quantized_decomposed.dequantize_per_tensor.default",
-                   "quantized_decomposed.dequantize_per_channel.default"},
-}
-
-
 @pytest.fixture
 def seeded() -> None:
     torch.manual_seed(0)

@@ -35,3 +35,17 @@ def test_config_is_frozen_and_labelled() -> None:
     assert cfg.label == "w4a8"
     with pytest.raises(AttributeError):
         cfg.method = "max"  # type: ignore[misc]
+
+
+def test_from_label_reads_the_bit_widths_and_refuses_other_text() -> None:
+    import pytest
+
+    from esc_ao.config import QuantConfig
+
+    config = QuantConfig.from_label("w4a8", method="mse")
+    assert (config.weight_bits, config.act_bits, config.method, config.label) == (4, 8, "mse", "w4a8")
+    for bad in ("w4", "fp32", "w4a8x", 48):
+        with pytest.raises(ValueError, match="not of the form 'w<bits>a<bits>'"):
+            QuantConfig.from_label(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weight_bits=3"):
+        QuantConfig.from_label("w3a8")

@@ -6,6 +6,7 @@ with a message that names the value and the fix, not deep inside ``prepare_pt2e`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["METHODS", "QuantConfig", "SearchConfig"]
@@ -77,6 +78,15 @@ class QuantConfig:
     def label(self) -> str:
         """Short name such as ``w8a8``."""
         return f"w{self.weight_bits}a{self.act_bits}"
+
+    @classmethod
+    def from_label(cls, label: str, **fields: object) -> "QuantConfig":
+        """``QuantConfig.from_label("w4a8", method="mse")``: the bit widths of a label such
+        as ``label`` gives, the other fields as keywords."""
+        match = re.fullmatch(r"w(\d+)a(\d+)", label) if isinstance(label, str) else None
+        if match is None:
+            raise ValueError(f"bit label {label!r} is not of the form 'w<bits>a<bits>', e.g. 'w4a8'")
+        return cls(weight_bits=int(match.group(1)), act_bits=int(match.group(2)), **fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, kw_only=True)

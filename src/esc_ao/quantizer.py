@@ -143,7 +143,6 @@ class EscQuantizer(Quantizer):
         self.node_name_config: dict[str, QuantConfig | None] = {}
         self._specs: dict[QuantConfig, Specs] = {}
         self._records: list[AnnotationRecord] = []
-        self.observer_labels: dict[str, list[str]] = {}
 
     # --- configuration ----------------------------------------------------------------
     def set_global(self, config: QuantConfig | None) -> "EscQuantizer":
@@ -312,7 +311,6 @@ class EscQuantizer(Quantizer):
             if isinstance(obs, (ActivationObserver, PerChannelWeightObserver)):
                 names = labels[id(obs)]
                 obs.label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} shared)"
-                self.observer_labels[obs.label] = names
 
     # --- report -----------------------------------------------------------------------
     def records(self) -> list[AnnotationRecord]:

@@ -106,10 +106,6 @@ class ScaleDim:
     observer: Searchable
 
     @property
-    def node(self) -> Node:
-        return self.nodes[0]
-
-    @property
     def label(self) -> str:
         return self.observer.label
 

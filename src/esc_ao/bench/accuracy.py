@@ -148,7 +148,7 @@ def _quant_cell(task: Task, method: str, bits: str, settings: AccuracySettings,
     if method == DYNAMIC_METHOD:
         return _dynamic_cell(task, bits)
     base, recipe = split_method(method)
-    config = QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method=base)
+    config = QuantConfig.from_label(bits, method=base)
     search = SearchConfig(budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0,
                           seed=settings.seed, progress=False)
     q = quantize_task(task, config, search, exported, recipe)

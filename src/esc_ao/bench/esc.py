@@ -29,10 +29,9 @@ def run_esc_bench(out_dir: Path, bits: list[str], search: SearchConfig, n_calibr
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for label in bits:
-        wb, ab = int(label[1]), int(label[3])
-        base = quantize_job(inputs, QuantConfig(weight_bits=wb, act_bits=ab, method="mse"), None)
+        base = quantize_job(inputs, QuantConfig.from_label(label, method="mse"), None)
         t0 = time.perf_counter()
-        esc_report = quantize_job(inputs, QuantConfig(weight_bits=wb, act_bits=ab, method="esc"), None, search=search)
+        esc_report = quantize_job(inputs, QuantConfig.from_label(label, method="esc"), None, search=search)
         esc = esc_report["esc"]
         row = {"model": inputs.name, "bits": label, "metric": "output_sqnr_db",
                "mse_value": round(base["output_sqnr_db"], 2), "esc_value": round(esc_report["output_sqnr_db"], 2),
@@ -75,7 +74,7 @@ def run_calib_bench(bits: str, search: SearchConfig, n_calibration: int | None) 
     inputs = whisper_default(n_calibration)
     t0 = time.perf_counter()
     prepared = prepare(export_model(inputs.model, inputs.calibration[0]),
-                       EscQuantizer(QuantConfig(weight_bits=int(bits[1]), act_bits=int(bits[3]), method="esc")))
+                       EscQuantizer(QuantConfig.from_label(bits, method="esc")))
     observe(prepared, inputs.calibration)
     t_observe = time.perf_counter() - t0
     result = calibrate(prepared, inputs.calibration, config=search)
