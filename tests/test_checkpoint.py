@@ -26,7 +26,8 @@ from esc_ao.checkpoint import (
 
 _floats = st.floats(allow_nan=False, width=64)
 _leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62), _floats, st.text(max_size=8))
-_values = st.recursive(_leaves, lambda inner: st.one_of(
+_ranges = st.builds(range, st.integers(-5, 5), st.integers(-5, 20), st.integers(1, 3))
+_values = st.recursive(st.one_of(_leaves, _ranges), lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.tuples(inner, inner),
     st.dictionaries(st.text(max_size=4).filter(lambda k: not k.startswith("__")), inner, max_size=3),
     st.dictionaries(st.integers(0, 9), inner, max_size=3)), max_leaves=12)
@@ -57,21 +58,22 @@ def test_the_rng_state_round_trips() -> None:
     assert rng.random_sample() == np.random.RandomState(3).random_sample()
 
 
-def test_a_restored_cma_es_continues_exactly() -> None:
-    opts = {"seed": 2, "popsize": 6, "verbose": -9, "verb_log": 0, "verb_disp": 0, "bounds": [-3, 1]}
+@pytest.mark.parametrize("dims, popsize", [(7, 6), (60, 8), (159, 4)])
+def test_a_restored_cma_es_continues_exactly(dims: int, popsize: int) -> None:
+    opts = {"seed": 2, "popsize": popsize, "verbose": -9, "verb_log": 0, "verb_disp": 0, "bounds": [-3, 1]}
 
     def step(es: cma.CMAEvolutionStrategy) -> np.ndarray:
         x = es.ask()
         es.tell(x, [float(np.sum(np.square(v - 0.3))) for v in x])
         return np.asarray(x)
 
-    es = cma.CMAEvolutionStrategy(np.zeros(7), 0.1, opts)
+    es = cma.CMAEvolutionStrategy(np.zeros(dims), 0.1, opts)
     for _ in range(3):
         step(es)
     saved = json.loads(json.dumps(encode(object_state(es, "cma"))))
     rng = np.random.get_state()
     want = [step(es) for _ in range(3)]
-    fresh = cma.CMAEvolutionStrategy(np.zeros(7), 0.1, opts)
+    fresh = cma.CMAEvolutionStrategy(np.zeros(dims), 0.1, opts)
     restore_object(fresh, decode(saved), "cma")
     fresh.timer = cma.utilities.utils.ElapsedWCTime()
     np.random.set_state(rng)
@@ -114,3 +116,21 @@ def test_objects_are_not_data(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="cannot be checkpointed"):
         encode(np.array([object()]))
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_fortran_order_and_shared_arrays_survive() -> None:
+    class Holder:  # stands in for a package's objects: module "cma" is what object_state walks
+        pass
+
+    Holder.__module__ = "cma.fake"
+    a, b = Holder(), Holder()
+    a.inner = b
+    a.m = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+    b.m = a.m  # one array, two attributes
+    state = json.loads(json.dumps(object_state(a, "cma")))
+    assert sum(isinstance(v, dict) and "__same_as__" in v for v in state.values()) == 1
+    c, d = Holder(), Holder()
+    c.inner, c.m, d.m = d, None, None
+    restore_object(c, state, "cma")
+    assert c.m.flags.f_contiguous and not c.m.flags.c_contiguous and c.inner.m is c.m
+    assert c.m.tobytes(order="A") == a.m.tobytes(order="A")

@@ -14,6 +14,7 @@ after SIGKILL).
 Encoding: floats through ``repr`` (exact round trip), arrays as
 ``{"__array__": dtype, "shape": [...], "data": [...]}`` for bool/int/float dtypes only,
 NumPy scalars as ``{"__scalar__": dtype, "value": v}``, tuples as ``{"__tuple__": [...]}``,
+ranges as ``{"__range__": [start, stop, step]}``,
 dicts with non-string keys as ``{"__items__": [[k, v], ...]}``.
 """
 
@@ -56,9 +57,15 @@ def encode(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in _DTYPE_KINDS:
             raise TypeError(f"array of dtype {value.dtype} cannot be checkpointed as data")
-        return {"__array__": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}
+        # Fortran order kept: BLAS may sum in another order on another layout (pycma's
+        # eigenvectors come out of eigh in Fortran order), and resuming must be bit-exact.
+        order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+        return {"__array__": value.dtype.str, "shape": list(value.shape), "order": order,
+                "data": value.ravel(order=order).tolist()}
     if type(value) is tuple:
         return {"__tuple__": [encode(v) for v in value]}
+    if type(value) is range:
+        return {"__range__": [value.start, value.stop, value.step]}
     if type(value) is list:
         return [encode(v) for v in value]
     if type(value) is dict:
@@ -78,11 +85,14 @@ def decode(tree: Any) -> Any:
         raise ValueError(f"unexpected {type(tree).__name__} in checkpoint data")
     if "__array__" in tree:
         dtype = _dtype(tree["__array__"])
-        return np.asarray(tree["data"], dtype=dtype).reshape([int(n) for n in tree["shape"]])
+        order = "F" if tree.get("order") == "F" else "C"
+        return np.asarray(tree["data"], dtype=dtype).reshape([int(n) for n in tree["shape"]], order=order)
     if "__scalar__" in tree:
         return _dtype(tree["__scalar__"]).type(tree["value"])
     if "__tuple__" in tree:
         return tuple(decode(v) for v in tree["__tuple__"])
+    if "__range__" in tree:
+        return range(*(int(v) for v in tree["__range__"]))
     if "__items__" in tree:
         return {_hashable(decode(k)): decode(v) for k, v in tree["__items__"]}
     if any(k.startswith("__") for k in tree):
@@ -109,6 +119,7 @@ def object_state(obj: Any, package: str) -> dict[str, Any]:
     functions are skipped (the fresh object has its own)."""
     out: dict[str, Any] = {}
     seen: set[int] = set()
+    arrays: dict[int, str] = {}  # one array held by two attributes (pycma's es.B is es.sm.B) stays one
 
     def walk(o: Any, path: str) -> None:
         if id(o) in seen:
@@ -124,7 +135,11 @@ def object_state(obj: Any, package: str) -> dict[str, Any]:
                 continue
             elif _holds_owned(value, package):
                 continue  # structure (e.g. a dict holding the options object): rebuilt by the constructor
+            elif isinstance(value, np.ndarray) and id(value) in arrays:
+                out[where] = {"__same_as__": arrays[id(value)]}
             else:
+                if isinstance(value, np.ndarray):
+                    arrays[id(value)] = where
                 try:
                     out[where] = encode(value)
                 except TypeError as exc:
@@ -140,6 +155,7 @@ def restore_object(obj: Any, state: dict[str, Any], package: str) -> None:
     Raises:
         CheckpointError: a path does not lead through ``obj``'s own ``package`` objects.
     """
+    restored: dict[str, Any] = {}
     for path, tree in state.items():
         *parents, name = path.split(".")
         target = obj
@@ -149,7 +165,15 @@ def restore_object(obj: Any, state: dict[str, Any], package: str) -> None:
                 raise CheckpointError(f"checkpoint path {path!r} does not match this version's {package} objects")
         if not hasattr(target, "__dict__") or name.startswith("__"):
             raise CheckpointError(f"checkpoint path {path!r} does not match this version's {package} objects")
-        setattr(target, name, decode(tree))
+        if isinstance(tree, dict) and "__same_as__" in tree:
+            if tree["__same_as__"] not in restored:
+                raise CheckpointError(f"checkpoint path {path!r} shares an array with {tree['__same_as__']!r}, "
+                                      "which comes later or not at all")
+            value = restored[tree["__same_as__"]]
+        else:
+            value = decode(tree)
+        restored[path] = value
+        setattr(target, name, value)
 
 
 def _holds_owned(value: Any, package: str) -> bool:
