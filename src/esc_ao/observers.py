@@ -297,25 +297,32 @@ class PerChannelWeightObserver(UniformQuantizationObserverBase):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            wd = w.detach().float().transpose(0, self.ch_axis).reshape(w.shape[self.ch_axis], -1)
-            if not bool(torch.isfinite(wd).all()):
-                raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
-            amax = wd.abs().amax(dim=1)
+            amax = self._absmax_of(w)
             self.absmax = amax if self.absmax.numel() == 0 else torch.maximum(self.absmax, amax)
         if self.fake_quant:
             # Weights do not change during a search: quantize once per weight version.
             key = (w.data_ptr(), w._version, tuple(w.shape))
             if self._fq_cache is None or self._fq_cache[0] != key or self.observing:
-                scale, zp = self.calculate_qparams()
-                q = torch.ops.quantized_decomposed.quantize_per_channel(
-                    w, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
-                )
-                dq = torch.ops.quantized_decomposed.dequantize_per_channel(
-                    q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
-                )
-                self._fq_cache = (key, dq)
+                self._fq_cache = (key, self._dequantize(self._quantize(w)))
             return self._fq_cache[1]
         return w
+
+    def _absmax_of(self, w: torch.Tensor) -> torch.Tensor:
+        """max |w| per scale: one per output channel here."""
+        wd = w.detach().float().transpose(0, self.ch_axis).reshape(w.shape[self.ch_axis], -1)
+        if not bool(torch.isfinite(wd).all()):
+            raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
+        return wd.abs().amax(dim=1)
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.calculate_qparams()
+        return torch.ops.quantized_decomposed.quantize_per_channel(
+            w, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.calculate_qparams()
+        return torch.ops.quantized_decomposed.dequantize_per_channel(
+            q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         if self.absmax.numel() == 0:
@@ -341,19 +348,11 @@ class GroupWeightObserver(PerChannelWeightObserver):
                              f"{self.group_size}: a 2-D (out, in) weight with in a multiple of the group is needed")
         return w.detach().float().reshape(w.shape[0], -1, self.group_size)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            groups = self._groups(w)
-            if not bool(torch.isfinite(groups).all()):
-                raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
-            amax = groups.abs().amax(dim=2)
-            self.absmax = amax if self.absmax.numel() == 0 else torch.maximum(self.absmax, amax)
-        if self.fake_quant:
-            key = (w.data_ptr(), w._version, tuple(w.shape))
-            if self._fq_cache is None or self._fq_cache[0] != key or self.observing:
-                self._fq_cache = (key, self._dequantize(self._quantize(w)))
-            return self._fq_cache[1]
-        return w
+    def _absmax_of(self, w: torch.Tensor) -> torch.Tensor:
+        groups = self._groups(w)
+        if not bool(torch.isfinite(groups).all()):
+            raise NonFiniteActivationError(f"weight {self.label} has NaN or Inf values")
+        return groups.abs().amax(dim=2)
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         scale, zp = self.calculate_qparams()
