@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 from torchao.quantization.pt2e.observer import ObserverBase, UniformQuantizationObserverBase
 
+from esc_ao.graph_prep import resolve_attr
 from esc_ao.histogram import (
     SignedHistogram,
     entropy_threshold,
@@ -372,8 +373,7 @@ class GroupWeightObserver(PerChannelWeightObserver):
         if not (isinstance(weight_node, torch.fx.Node) and weight_node.op == "get_attr"):
             raise ValueError(f"group-wise weight observer {self.label} must watch a weight attribute, "
                              f"not {weight_node}")
-        weight = model.get_parameter(str(weight_node.target)) if _is_parameter(model, weight_node) \
-            else model.get_buffer(str(weight_node.target))
+        weight = resolve_attr(model, str(weight_node.target))
         scale, zp = self.calculate_qparams()
         stem = str(node.target)
         for suffix, value in (("_group_int", self._quantize(weight.detach())), ("_group_scale", scale),
@@ -388,14 +388,6 @@ class GroupWeightObserver(PerChannelWeightObserver):
         dq.meta = dict(node.meta)
         node.replace_all_uses_with(dq)
         graph.erase_node(node)
-
-
-def _is_parameter(model: torch.nn.Module, node: torch.fx.Node) -> bool:
-    try:
-        model.get_parameter(str(node.target))
-        return True
-    except AttributeError:
-        return False
 
 
 Observer = ActivationObserver | PerChannelWeightObserver

@@ -190,7 +190,8 @@ def split_method(method: str) -> tuple[str, Recipe]:
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
                         smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
-                        weight_group=groups[0] if groups else None, precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+                        weight_group=groups[0] if groups else None,
+                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
 
 
 def _is_group(flag: str) -> bool:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from esc_ao.annotators import uses_groups
 from esc_ao.graph_prep import replace_parameter, resolve_attr, tied_linears
 from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
@@ -91,7 +92,8 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
             target = str(node.args[1].target)
             weight = resolve_attr(gm, target).detach().float()
             h = stats.h[node.name] / stats.rows[node.name]
-            group = group_size if group_size is not None and weight.shape[1] % group_size == 0 else weight.shape[1]
+            # the quantizer's own rule, so GPTQ's grid is the one its observer will find
+            group = group_size if group_size is not None and uses_groups(node, group_size) else weight.shape[1]
             rounded = _gptq_rows(weight, h.float(), qmax, group)
             x = stats.sample[node.name]
             scale = _group_scales(weight, qmax, group).repeat_interleave(group, dim=1)
