@@ -7,6 +7,10 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
   default: the reference target, full integer);
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
+- ``+had``: Hadamard rotation of every pre-LayerNorm residual stream, folded into the
+  weights (esc_ao.transforms.rotate); ``+hadN`` also rotates the input of every linear
+  that reads an activation function (the MLP's second linear) online, in blocks of N
+  channels;
 - ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site;
 - ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both);
 - ``+t8``: under 4-bit weights, a linear whose weight is tied to an embedding (Whisper's
@@ -34,7 +38,7 @@ from esc_ao.graph_prep import tied_linears
 from esc_ao.pipeline import Batch, observe, prepare
 from esc_ao.precision import PrecisionPlan, plan_precision
 from esc_ao.quantizer import EscQuantizer
-from esc_ao.transforms import TransformRecord, gptq, smooth
+from esc_ao.transforms import ROTATION_KEY, TransformRecord, gptq, rotate, smooth
 
 __all__ = ["RECIPE_FLAGS", "Prepared", "Recipe", "split_method"]
 
@@ -42,6 +46,7 @@ RECIPE_FLAGS: dict[str, str] = {
     "xnn": "XNNPACK target",
     "r16": "residual stream on a 16-bit grid",
     "rf": "residual stream in float",
+    "had": "Hadamard-rotated residual stream",
     "sq": "LayerNorm -> linear smoothing",
     "gptq": "GPTQ weight rounding",
     "t8": "tied output projections at 8-bit weights",
@@ -55,8 +60,9 @@ PLAN_BATCHES = 4  # calibration batches the precision plan's sensitivities are m
 @dataclass(frozen=True)
 class Recipe:
     """``target``: EscQuantizer's target; ``residual``: its residual-stream precision;
-    ``smooth``: apply esc_ao.transforms.smooth before annotation; ``gptq``: then
-    esc_ao.transforms.gptq at the config's weight bits."""
+    ``rotate``: esc_ao.transforms.rotate first (``rotate_block``: its online MLP block);
+    ``smooth``: then esc_ao.transforms.smooth; ``gptq``: then esc_ao.transforms.gptq at
+    the config's weight bits."""
 
     target: Target = "reference"
     residual: ResidualPrecision = "int8"
@@ -65,6 +71,8 @@ class Recipe:
     tied_8bit: bool = False
     weight_group: int | None = None
     precision_budget: float | None = None
+    rotate: bool = False
+    rotate_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_group is not None:
@@ -73,6 +81,10 @@ class Recipe:
                 raise ValueError(f"weight_group={self.weight_group} on the XNNPACK target: XNNPACK runs group-wise "
                                  "weights only with dynamic int8 inputs; drop +g/--weight-group or use the reference "
                                  "target")
+        if self.rotate_block is not None and (not self.rotate or self.rotate_block < 2
+                                              or self.rotate_block & (self.rotate_block - 1)):
+            raise ValueError(f"rotate_block={self.rotate_block!r} needs rotate=True and a power of two >= 2 "
+                             "(recipe flag +hadN, e.g. +had64)")
         if self.precision_budget is not None and not 0.0 < self.precision_budget <= 1.0:
             raise ValueError(f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
                              "multiply-accumulates), or None for no mixed precision")
@@ -85,7 +97,8 @@ class Recipe:
     def suffix(self) -> str:
         """``+r16+sq`` style; empty for the plain recipe."""
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
-            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["sq"] if self.smooth else []) + \
+            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + \
+            ([f"had{self.rotate_block or ''}"] if self.rotate else []) + (["sq"] if self.smooth else []) + \
             (["gptq"] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
             ([f"g{self.weight_group}"] if self.weight_group is not None else []) + \
             ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
@@ -93,7 +106,8 @@ class Recipe:
 
     def describe(self) -> str:
         parts = [RECIPE_FLAGS[f] if f in RECIPE_FLAGS else
-                 f"group-{f[1:]} weights" if f.startswith("g") else f"mixed precision within {f[2:]} % of MACs"
+                 f"Hadamard-rotated residual stream and {f[3:]}-channel blocks into MLP linears" if f.startswith("had")
+                 else f"group-{f[1:]} weights" if f.startswith("g") else f"mixed precision within {f[2:]} % of MACs"
                  for f in self.suffix.split("+") if f]
         return ", ".join(parts) or "plain (reference target, int8 residual stream, no transforms)"
 
@@ -107,6 +121,8 @@ class Recipe:
         """Rewrites ``gm`` in place (before prepare); returns what each transform did."""
         config = self.configure(config)
         records: list[TransformRecord] = []
+        if self.rotate:
+            records += rotate(gm, mlp_block=self.rotate_block)
         if self.smooth:
             records += smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits,
                               weight_bits=config.weight_bits)
@@ -122,6 +138,11 @@ class Recipe:
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
                 quantizer.set_node_name(name, dataclasses.replace(config, weight_bits=8))
+        if graph is not None and config.weight_bits == 4:
+            # a d x d rotation's weight is not +-1/sqrt(d) alone: 4 bits would round it
+            for node in graph.graph.nodes:
+                if node.meta.get(ROTATION_KEY) == "dense":
+                    quantizer.set_node_name(node.name, dataclasses.replace(config, weight_bits=8))
         return quantizer
 
     def prepare(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig,
@@ -171,15 +192,21 @@ def split_method(method: str) -> tuple[str, Recipe]:
             mixed-precision budget that is not a percentage.
     """
     base, *flags = method.split("+")
-    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp") and not _is_group(f)]
+    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp") and not _is_group(f)
+               and not _is_rotation(f)]
     if unknown:
         raise ValueError(f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
                          + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items())
-                         + ", +gN (group-wise weights, N a power of two >= 8), +mpN (mixed precision)")
+                         + ", +hadN (rotation with N-channel online MLP blocks), +gN (group-wise weights, N a power "
+                         "of two >= 8), +mpN (mixed precision)")
     groups = [int(f[1:]) for f in flags if _is_group(f)]
     flags = [f for f in flags if not _is_group(f)]
     if len(groups) > 1:
         raise ValueError(f"method {method!r}: one weight-group flag +gN at most")
+    rotations = [f for f in flags if _is_rotation(f)]
+    flags = [f for f in flags if not _is_rotation(f)]
+    if len(rotations) > 1:
+        raise ValueError(f"method {method!r}: one rotation flag +had or +hadN at most")
     budgets = [f for f in flags if f.startswith("mp")]
     flags = [f for f in flags if not f.startswith("mp")]
     if len(budgets) > 1 or any(not _is_percent(b[2:]) for b in budgets):
@@ -191,7 +218,13 @@ def split_method(method: str) -> tuple[str, Recipe]:
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
                         smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
                         weight_group=groups[0] if groups else None,
-                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None)
+                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
+                        rotate=bool(rotations), rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:]
+                        else None)
+
+
+def _is_rotation(flag: str) -> bool:
+    return flag[:3] == "had" and (flag[3:] == "" or flag[3:].isdigit())
 
 
 def _is_group(flag: str) -> bool:
