@@ -7,6 +7,8 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
   default: the reference target, full integer);
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
+- ``+p16``: attention probabilities (softmax outputs read by a matmul) on a 16-bit grid
+  (reference target);
 - ``+had``: Hadamard rotation of every pre-LayerNorm residual stream, folded into the
   weights (esc_ao.transforms.rotate); ``+hadN`` also rotates the input of every linear
   that reads an activation function (the MLP's second linear) online, in blocks of N
@@ -46,6 +48,7 @@ RECIPE_FLAGS: dict[str, str] = {
     "xnn": "XNNPACK target",
     "r16": "residual stream on a 16-bit grid",
     "rf": "residual stream in float",
+    "p16": "attention probabilities on a 16-bit grid",
     "had": "Hadamard-rotated residual stream",
     "sq": "LayerNorm -> linear smoothing",
     "gptq": "GPTQ weight rounding",
@@ -73,6 +76,7 @@ class Recipe:
     precision_budget: float | None = None
     rotate: bool = False
     rotate_block: int | None = None
+    probs16: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_group is not None:
@@ -88,7 +92,10 @@ class Recipe:
         if self.precision_budget is not None and not 0.0 < self.precision_budget <= 1.0:
             raise ValueError(f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
                              "multiply-accumulates), or None for no mixed precision")
-        # the same check EscQuantizer makes, at the place the recipe is written
+        # the same checks EscQuantizer makes, at the place the recipe is written
+        if self.probs16 and self.target == "xnnpack":
+            raise ValueError("attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK runs "
+                             "the attention matmuls in float already; drop +p16 or use the reference target")
         if self.residual == "int16" and self.target == "xnnpack":
             raise ValueError("residual stream 'int16' on the XNNPACK target: XNNPACK has no 16-bit kernels; use "
                              "'float' (recipe +xnn+rf, --residual float) or the reference target")
@@ -97,7 +104,7 @@ class Recipe:
     def suffix(self) -> str:
         """``+r16+sq`` style; empty for the plain recipe."""
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
-            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + \
+            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["p16"] if self.probs16 else []) + \
             ([f"had{self.rotate_block or ''}"] if self.rotate else []) + (["sq"] if self.smooth else []) + \
             (["gptq"] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
             ([f"g{self.weight_group}"] if self.weight_group is not None else []) + \
@@ -134,7 +141,8 @@ class Recipe:
         """EscQuantizer for this recipe; with ``graph`` (the exported graph it will prepare)
         and ``tied_8bit``, its tied-weight linears get 8-bit weights under a 4-bit config."""
         config = self.configure(config)
-        quantizer = EscQuantizer(config, target=self.target, residual=self.residual)
+        quantizer = EscQuantizer(config, target=self.target, residual=self.residual,
+                                 attention_probs="int16" if self.probs16 else "int8")
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
                 quantizer.set_node_name(name, dataclasses.replace(config, weight_bits=8))
@@ -219,7 +227,7 @@ def split_method(method: str) -> tuple[str, Recipe]:
                         smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
                         weight_group=groups[0] if groups else None,
                         precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
-                        rotate=bool(rotations), rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:]
+                        probs16="p16" in flags, rotate=bool(rotations), rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:]
                         else None)
 
 
