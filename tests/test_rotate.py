@@ -190,4 +190,6 @@ def test_rotation_is_exact_on_every_supported_model(name: str) -> None:
         assert err <= _TOLERANCE, f"{name}: relative error {err:.2e}"
     assert all(r.detail for r in records)
     applied = any(r.applied and "residual stream" in r.detail for r in records)
+    # the Conformer's streams are cut by each block's final LayerNorm and its convolution
+    # module (more online rotations than residual adds: skipped); wav2vec2 is post-LN
     assert applied == (name in ("whisper-tiny.en", "whisper-base", "ast")), records

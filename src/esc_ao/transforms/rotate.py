@@ -129,7 +129,13 @@ def rotate(gm: GraphModule, seed: int = 0, mlp_block: int | None = None) -> list
         return cache[d]
 
     for stream in _streams(gm):
+        if not stream.adds:  # a lone LayerNorm: rotating it would only add online work
+            continue
         reason = _check(gm, stream)
+        online = _online_count(gm, stream)
+        if not reason and online > len(stream.adds):
+            reason = (f"would need {online} online d x d rotations for {len(stream.adds)} residual add(s) (the "
+                      "stream is cut by LayerNorms or non-linear branches)")
         where = stream.norms[0].name
         if reason:
             records.append(TransformRecord(where, "rotate", False, reason))
@@ -276,6 +282,14 @@ def _writer(gm: GraphModule, branch: Node) -> Node | None:
     if _foldable_linear(gm, node) and len(node.users) == 1:
         return node
     return None
+
+
+def _online_count(gm: GraphModule, stream: _Stream) -> int:
+    """How many online d x d rotations rotating the stream would insert (see _apply)."""
+    branches = sum(_writer(gm, b) is None for b in stream.adds.values())
+    exits = sum(not (n.users and all(_foldable_linear(gm, r) and r.args[0] is n for r in n.users))
+                for n in stream.norms)
+    return len(stream.entries) + branches + exits
 
 
 def _fold_output(gm: GraphModule, lin: Node, q: torch.Tensor) -> None:
