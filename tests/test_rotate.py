@@ -167,9 +167,12 @@ def test_rotation_raises_the_quantized_sqnr_and_keeps_rotations_at_8_bits() -> N
     plain, _ = sqnr("mse+r16", "w8a8")
     rotated, _ = sqnr("mse+r16+had", "w8a8")
     assert rotated > plain + 3.0
-    _, quantizer = sqnr("mse+r16+had8", "w4a8")
-    eight = {name for name, cfg in quantizer.node_name_config.items() if cfg is not None and cfg.weight_bits == 8}
-    assert len(eight) == 5  # the d x d online rotations; the block ones are exact at 4 bits
+    _, quantizer = sqnr("mse+r16+had8", "w4a4")
+    overrides = [cfg for cfg in quantizer.node_name_config.values() if cfg is not None]
+    # every online rotation reads 8-bit inputs; the d x d ones keep 8-bit weights, the
+    # block ones (exact on any grid) the config's 4
+    assert len(overrides) == 7 and all(cfg.act_bits == 8 for cfg in overrides)
+    assert sorted(cfg.weight_bits for cfg in overrides) == [4, 4] + [8] * 5
 
 
 @pytest.mark.slow

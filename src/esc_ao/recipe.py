@@ -146,11 +146,18 @@ class Recipe:
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
                 quantizer.set_node_name(name, dataclasses.replace(config, weight_bits=8))
-        if graph is not None and config.weight_bits == 4:
-            # a d x d rotation's weight is not +-1/sqrt(d) alone: 4 bits would round it
+        if graph is not None and 4 in (config.weight_bits, config.act_bits):
             for node in graph.graph.nodes:
-                if node.meta.get(ROTATION_KEY) == "dense":
-                    quantizer.set_node_name(node.name, dataclasses.replace(config, weight_bits=8))
+                kind = node.meta.get(ROTATION_KEY)
+                if kind is None:
+                    continue
+                # An online rotation reads the unrotated tensor (a GELU's output with its
+                # outliers): on a 4-bit grid that tensor would be ruined before the rotation
+                # could help, so its input keeps 8 bits, as an integer Hadamard transform
+                # (additions only) would. A d x d rotation's weight is not +-1/sqrt(d) alone:
+                # 4 bits would round it; a block one's is exact on any grid.
+                quantizer.set_node_name(node.name, dataclasses.replace(
+                    config, act_bits=8, weight_bits=8 if kind == "dense" else config.weight_bits))
         return quantizer
 
     def prepare(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig,
