@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--residual", default=None, choices=RESIDUAL_PRECISIONS,
                    help="the residual stream's precision: int16 (reference target), float, or int8; default: "
                         "int16 on the reference target, float on xnnpack")
+    r.add_argument("--attention-probs", default=None, choices=("int8", "int16"),
+                   help="the attention probabilities' grid (softmax outputs an attention matmul reads); default: "
+                        "int16 on the reference target (xnnpack runs attention in float)")
+    r.add_argument("--rotate", action="store_true",
+                   help="Hadamard-rotate each pre-LayerNorm residual stream, folded into the weights (default: off)")
+    r.add_argument("--rotate-block", type=int, default=None, metavar="N",
+                   help="with --rotate, also rotate the input of each linear reading an activation function online, "
+                        "in blocks of N channels (a power of two, e.g. 64)")
     r.add_argument("--no-smooth", action="store_true",
                    help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)")
     r.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
@@ -231,9 +239,13 @@ def _quantize(args: argparse.Namespace) -> int:
     driver = os.environ.get("RANK", "0") == "0"
     residual = args.residual or ("int16" if args.target == "reference" else "float")
     use_gptq = args.gptq if args.gptq is not None else args.weight_bits == 4
-    try:  # Recipe checks the combination (--residual with --target, --precision-budget's range)
+    try:  # Recipe checks the combination (--residual/--attention-probs with --target, the budget's range)
+        if args.rotate_block is not None and not args.rotate:
+            raise ValueError(f"--rotate-block {args.rotate_block} needs --rotate")
+        probs = args.attention_probs or ("int16" if args.target == "reference" else "int8")
         recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
-                        weight_group=args.weight_group, precision_budget=args.precision_budget)
+                        weight_group=args.weight_group, precision_budget=args.precision_budget,
+                        rotate=args.rotate, rotate_block=args.rotate_block, probs16=probs == "int16")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.weight_group is not None and not args.no_pte:
