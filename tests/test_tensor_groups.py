@@ -1,0 +1,45 @@
+"""examples/tensor_groups.py's graph surgery on a small attention model: activations are
+grouped by the op that produced them, and leaving a group float (or only it quantized)
+changes exactly that group's quantize/dequantize pairs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
+from test_residual import Attention
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensor_groups.py"
+
+
+@pytest.fixture(scope="module")
+def groups():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("tensor_groups", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_groups_and_surgery(groups) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = Attention().eval()
+    batches = [(torch.randn(1, 40, 16),) for _ in range(3)]
+    prepared = prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(method="max")))
+    observe(prepared, batches)
+    quantized = convert(prepared)
+    pairs = groups._pairs(quantized)
+    names = {dq.name: groups._group(dq.args[0].args[0]) for dq in pairs}
+    assert {"placeholder", "softmax", "linear"} <= set(names.values())
+    softmax = {n for n, g in names.items() if g == "softmax"}
+    float_softmax = groups._without(quantized, lambda n: n.name not in softmax)
+    assert len(groups._pairs(float_softmax)) == len(pairs) - len(softmax)
+    assert len(groups._pairs(groups._without(quantized, lambda n: False))) == 0
+    refs = [model(*b) for b in batches]
+    mels = [b[0] for b in batches]
+    wrap = lambda gm: (lambda x: (gm(x),))  # noqa: E731 - the script's models return tuples
+    full = groups._sqnr(wrap(quantized), [(r,) for r in refs], mels)
+    assert groups._sqnr(wrap(groups._without(quantized, lambda n: False)), [(r,) for r in refs], mels) > full
