@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 from esc_ao import QuantConfig, convert, export_model
 from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.recipe import split_method
-from esc_ao.report import write_json_atomic, write_text_atomic
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 aten = torch.ops.aten
 _QD = torch.ops.quantized_decomposed

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from esc_ao import QuantConfig, SearchConfig
 from esc_ao.bench.accuracy import quantize_task
 from esc_ao.bench.tasks import Task, build_task
-from esc_ao.report import write_json_atomic, write_text_atomic
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 # (name, method, symmetric activation grids, CMA-ES generations)
 VARIANTS = (

@@ -8,13 +8,15 @@ outputs appear together, or (on a failure) none of them does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from dataclasses import asdict
+from typing import Any, Iterator
 
-__all__ = ["atomic_path", "staged_dir"]
+__all__ = ["atomic_path", "staged_dir", "write_json_atomic", "write_text_atomic"]
 
 
 @contextlib.contextmanager
@@ -55,3 +57,18 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes via a temporary file in the same directory and an atomic rename."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    def default(o: Any) -> Any:
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=default, allow_nan=True) + "\n")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from esc_ao.atomic import staged_dir
+from esc_ao.atomic import staged_dir, write_json_atomic, write_text_atomic
 from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.objectives import Objective
@@ -27,8 +27,6 @@ from esc_ao.report import (
     output_sqnr,
     weight_bytes,
     plot_convergence,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 __all__ = ["JobInputs", "quantize_job", "whisper_default"]

@@ -7,9 +7,8 @@ and node names line up exactly (no matching of float and converted graphs needed
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,8 +29,6 @@ __all__ = [
     "output_sqnr",
     "sqnr_db",
     "weight_bytes",
-    "write_json_atomic",
-    "write_text_atomic",
 ]
 
 
@@ -132,21 +129,6 @@ def weight_bytes(prepared: GraphModule) -> dict[str, int]:
             n_bits += numel * (4 if obs.quant_max <= 7 else 8)
             n_channels += obs.absmax.numel()
     return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_bits + 7) // 8 + 4 * n_channels}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes via a temporary file in the same directory and an atomic rename."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    def default(o: Any) -> Any:
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    write_text_atomic(path, json.dumps(data, indent=1, default=default, allow_nan=True) + "\n")
 
 
 def plot_convergence(history: list[dict[str, float]], start_objective: float, path: Path) -> None:

@@ -47,7 +47,8 @@ from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.eval_graph import for_evaluation
 from esc_ao.pipeline import Batch, convert, export_model
 from esc_ao.recipe import Recipe, split_method
-from esc_ao.report import weight_bytes, write_json_atomic
+from esc_ao.atomic import write_json_atomic
+from esc_ao.report import weight_bytes
 
 __all__ = ["BENCH_METHODS", "AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
 

@@ -16,7 +16,7 @@ from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.cells import BITS, EVAL_SETS, KEY_KINDS, MODEL_EVAL_SETS, MODELS, AccuracySettings, key_kind
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.numerics import NUMERICS
-from esc_ao.report import write_json_atomic, write_text_atomic
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["TABLE_METHODS", "render", "stale_cells"]
 

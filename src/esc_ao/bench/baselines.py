@@ -16,7 +16,7 @@ import torch
 from esc_ao.bench.machine import describe
 from esc_ao.config import QuantConfig
 from esc_ao.job import quantize_job, whisper_default
-from esc_ao.report import write_json_atomic, write_text_atomic
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["run_baselines"]
 

@@ -30,7 +30,7 @@ import torch
 
 from esc_ao.bench.machine import cpu_features, describe
 from esc_ao.lower.executorch import LoweringError
-from esc_ao.report import write_json_atomic, write_text_atomic
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
 
