@@ -29,6 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from esc_ao import QuantConfig, convert, export_model
+from esc_ao.config import BIT_LABELS
 from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.recipe import split_method
 from esc_ao.atomic import write_json_atomic, write_text_atomic
@@ -85,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("tiny.en", "base"), default="tiny.en")
     ap.add_argument("--method", default="mse+r16", help="calibration method with recipe suffix (esc_ao.recipe)")
-    ap.add_argument("--bits", default="w8a8", choices=("w8a8", "w4a8", "w4a4"))
+    ap.add_argument("--bits", default="w8a8", choices=BIT_LABELS)
     ap.add_argument("--calibration", type=int, default=16, help="real-speech calibration utterances")
     ap.add_argument("--held-out", type=int, default=5, help="held-out real-speech test utterances")
     ap.add_argument("--threads", type=int, default=1)

@@ -16,7 +16,7 @@ import torch
 from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.checkpoint import load_checkpoint
-from esc_ao.config import METHODS, QuantConfig, SearchConfig
+from esc_ao.config import BIT_LABELS, METHODS, QuantConfig, SearchConfig
 from esc_ao.job import JobInputs, quantize_job, whisper_default
 from esc_ao.objectives import objective_by_name
 from esc_ao.pipeline import check_batches, input_shapes
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     bb.add_argument("--calib-clips", type=int, default=None)
     bb.add_argument("--out", type=Path, default=Path("docs/results"))
     be = bsub.add_parser("esc", help="ESC vs MSE on Whisper tiny.en's encoder; search speed (evaluations/s)")
-    be.add_argument("--bits", nargs="+", default=["w4a4", "w8a8"], choices=("w8a8", "w4a8", "w4a4"))
+    be.add_argument("--bits", nargs="+", default=["w4a4", "w8a8"], choices=BIT_LABELS)
     be.add_argument("--budget", type=int, default=20)
     be.add_argument("--popsize", type=int, default=8)
     be.add_argument("--seed", type=int, default=0)
@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, default=Path("docs/results"))
     bc = bsub.add_parser("calib", help="one ESC calibration of Whisper tiny.en's encoder: evaluations/s, wall time "
                                       "(run under torchrun --nproc-per-node N to shard it)")
-    bc.add_argument("--bits", default="w8a8", choices=("w8a8", "w4a8", "w4a4"))
+    bc.add_argument("--bits", default="w8a8", choices=BIT_LABELS)
     bc.add_argument("--budget", type=int, default=3)
     bc.add_argument("--popsize", type=int, default=8)
     bc.add_argument("--calib-clips", type=int, default=None)
@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--methods", nargs="+", default=list(BENCH_METHODS),
                     help=f"calibration methods, and {DYNAMIC_METHOD} (dynamic int8 activations, no calibration; "
                          "W8A8 and W4A8 only)")
-    ba.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a4"])
+    ba.add_argument("--bits", nargs="+", default=list(BIT_LABELS))
     ba.add_argument("--calib-samples", type=int, default=100, help="calibration utterances (paper: 100)")
     ba.add_argument("--seed", type=int, default=0)
     ba.add_argument("--budget", type=int, default=30, help="ESC's CMA-ES generations")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["METHODS", "QuantConfig", "SearchConfig"]
+__all__ = ["BIT_LABELS", "METHODS", "QuantConfig", "SearchConfig"]
 
 # Activation calibration methods, in the order of the ESC paper's baselines.
 METHODS: tuple[str, ...] = ("max", "percentile", "entropy", "mse", "esc")
 _BITS: tuple[int, ...] = (4, 8)
+# The bit-width combinations the benchmarks and commands offer (QuantConfig.label's form).
+BIT_LABELS: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")
 
 
 @dataclass(frozen=True, kw_only=True)

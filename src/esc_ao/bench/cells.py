@@ -31,12 +31,13 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from esc_ao.bench.numerics import model_parts
+from esc_ao.config import BIT_LABELS
 
 __all__ = ["BITS", "EVAL_SETS", "KEY_KINDS", "MODELS", "MODEL_CORPUS", "MODEL_EVAL_SETS", "AccuracySettings",
            "CellKey", "cell_key", "cell_path", "code_version", "key_kind"]
 
 MODELS = ("whisper-tiny.en", "whisper-base", "conformer-ctc", "ast")
-BITS = ("w8a8", "w4a8", "w4a4")
+BITS = BIT_LABELS
 # "real": the real-speech corpus (human recordings); "tts": the model's TTS corpus.
 EVAL_SETS = ("real", "tts")
 MODEL_CORPUS = {"whisper-tiny.en": "asr", "whisper-base": "asr", "conformer-ctc": "asr", "ast": "kws"}
