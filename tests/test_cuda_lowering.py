@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esc_ao.lower.cuda import compile_for_cuda, int8_linear, lower_int8_linears
-from esc_ao.lower.executorch import sqnr_db
+from esc_ao.lower.executorch import tensor_sqnr_db
 from _lower_helpers import quantized, tiny_ctc
 
 
@@ -39,7 +39,7 @@ def test_lowered_graph_computes_the_converted_graph(target: str) -> None:
     with torch.no_grad():
         got = converted(*inputs)
     # Same integer arithmetic; only float rounding before each requantization differs.
-    assert sqnr_db(want, got) > 40
+    assert tensor_sqnr_db(want, got) > 40
 
 
 def test_shapes_int_mm_cannot_take_are_left_with_the_reason() -> None:
@@ -61,4 +61,4 @@ def test_compiled_cuda_graph_matches_the_reference() -> None:
     compiled, _ = compile_for_cuda(converted)
     with torch.no_grad():
         got = compiled(inputs[0].cuda()).cpu()
-    assert sqnr_db(want, got) > 40
+    assert tensor_sqnr_db(want, got) > 40

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
-from esc_ao.lower import LoweringError, run_pte, sqnr_db, to_executorch
+from esc_ao.lower import LoweringError, run_pte, tensor_sqnr_db, to_executorch
 from esc_ao.lower.passes import decompose_layer_norm
 from esc_ao.speech import SplitHeadAttention
 
@@ -78,7 +78,7 @@ def test_int8_model_runs_its_gemms_as_integer_kernels_and_matches_the_graph(tmp_
     # With the float model: the program is as accurate as the graph (within 3 dB).
     checked = to_executorch(converted, inputs, tmp_path / "q2.pte", reference=model)
     assert checked.program_vs_float_db >= checked.graph_vs_float_db - 3.0
-    assert result.sqnr_db == pytest.approx(sqnr_db(converted(*inputs), run_pte(result.path, inputs)[0]))
+    assert result.sqnr_db == pytest.approx(tensor_sqnr_db(converted(*inputs), run_pte(result.path, inputs)[0]))
 
 
 def test_a_program_that_misses_its_tolerance_is_an_error_and_leaves_no_file(tmp_path) -> None:

@@ -17,13 +17,19 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["SKIP_KEY", "decompose_sdpa", "drop_noop_casts", "replace_parameter", "resolve_attr", "shared_weight",
+__all__ = ["SKIP_KEY", "copy_debug_meta", "decompose_sdpa", "drop_noop_casts", "replace_parameter", "resolve_attr", "shared_weight",
            "tidy", "tied_linears"]
 
 # node.meta key: this node must stay float; the value says why (shown in the report).
 SKIP_KEY = "esc_ao_keep_float"
 
 aten = torch.ops.aten
+
+
+def copy_debug_meta(src: Node, dst: Node) -> None:
+    """Gives a node written by a rewrite the module path and source line of the node it
+    replaces: overrides by module name, the report and error messages read them."""
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("nn_module_stack", "stack_trace")})
 
 
 def drop_noop_casts(gm: GraphModule) -> int:
@@ -149,7 +155,7 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
 
     def emit(target: Callable[..., Any], *args: Any) -> Node:
         new = g.call_function(target, args)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_debug_meta(node, new)
         vals = [x.meta["val"] if isinstance(x, Node) else x for x in args]
         with fake_mode:
             new.meta["val"] = target(*vals)

@@ -24,8 +24,10 @@ from esc_ao.graph_prep import decompose_sdpa, drop_noop_casts
 from esc_ao.lower.coverage import Coverage, collect_reasons, op_coverage
 from esc_ao.lower.partition import FastXnnpackPartitioner
 from esc_ao.lower.passes import prepare_for_xnnpack
+from esc_ao.objectives import first_tensor
+from esc_ao.report import sqnr_db
 
-__all__ = ["LoweringError", "LoweringResult", "run_pte", "sqnr_db", "to_executorch"]
+__all__ = ["LoweringError", "LoweringResult", "run_pte", "tensor_sqnr_db", "to_executorch"]
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +68,19 @@ class LoweringResult:
                 "coverage": self.coverage.as_dict()}
 
 
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - other|^2); +inf when identical."""
-    noise = (reference.double() - other.double()).pow(2).sum().item()
+def tensor_sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - other|^2) (esc_ao.report.sqnr_db of the two powers); +inf
+    when identical."""
     signal = reference.double().pow(2).sum().item()
-    return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+    return sqnr_db(signal, (reference.double() - other.double()).pow(2).sum().item())
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise LoweringError(f"the model's output is {type(out).__name__}; to_executorch checks a tensor "
-                        "(or a tuple whose first item is one)")
+    try:
+        return first_tensor(out)
+    except TypeError as exc:
+        raise LoweringError(f"the model's output is {type(out).__name__}; to_executorch checks a tensor "
+                            "(or a tuple whose first item is one)") from exc
 
 
 def run_pte(path: str | Path, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -153,11 +154,11 @@ def to_executorch(
         with torch.no_grad():
             want = _first_tensor(model(*example_inputs))
         got = run_pte(path, example_inputs)[0]
-        snr, diff = sqnr_db(want, got), (want - got).abs().max().item()
+        snr, diff = tensor_sqnr_db(want, got), (want - got).abs().max().item()
         if reference is not None:
             with torch.no_grad():
                 ideal = _first_tensor(reference(*example_inputs))
-            graph_db, program_db = sqnr_db(ideal, want), sqnr_db(ideal, got)
+            graph_db, program_db = tensor_sqnr_db(ideal, want), tensor_sqnr_db(ideal, got)
             if not program_db >= graph_db - max_loss_db:
                 path.unlink(missing_ok=True)
                 raise LoweringError(f"the lowered program is {program_db:.1f} dB from float, the graph it came from "

@@ -34,7 +34,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from esc_ao.graph_prep import tidy
+from esc_ao.graph_prep import copy_debug_meta, tidy
 
 __all__ = ["decompose_layer_norm", "matmul_to_bmm", "prepare_for_xnnpack", "store_conv_int4_as_int8"]
 
@@ -75,7 +75,7 @@ def clamp_narrow_grids(gm: GraphModule) -> int:
             continue
         with gm.graph.inserting_before(node):
             clamp = gm.graph.call_function(aten.hardtanh.default, (x, (qmin - zp) * scale, (qmax - zp) * scale))
-        clamp.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_debug_meta(node, clamp)
         node.replace_input_with(x, clamp)
         count += 1
     if count:
@@ -132,7 +132,7 @@ def matmul_to_bmm(gm: GraphModule) -> int:
             b3 = g.call_function(aten.reshape.default, (b, [flat, k, n]))
             y = g.call_function(aten.reshape.default, (g.call_function(aten.bmm.default, (a3, b3)), batch + [m, n]))
         for new in _between(a3.prev, y):
-            new.meta.update({k2: v for k2, v in node.meta.items() if k2 in ("nn_module_stack", "stack_trace")})
+            copy_debug_meta(node, new)
         node.replace_all_uses_with(y)
         g.erase_node(node)
         count += 1
@@ -170,7 +170,7 @@ def _rewrite(gm: GraphModule, node: Node) -> bool:
         if isinstance(bias, Node):
             y = g.call_function(aten.add.Tensor, (y, bias))
     for new in _between(x, y):
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_debug_meta(node, new)
     node.replace_all_uses_with(y)
     g.erase_node(node)
     return True

@@ -42,7 +42,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-from esc_ao.graph_prep import drop_noop_casts, replace_parameter, resolve_attr, shared_weight, tidy
+from esc_ao.graph_prep import copy_debug_meta, drop_noop_casts, replace_parameter, resolve_attr, shared_weight, tidy
 from esc_ao.transforms.records import TransformRecord
 
 __all__ = ["ROTATION_KEY", "hadamard", "rotate", "rotation"]
@@ -220,7 +220,7 @@ def _emit(gm: GraphModule, like: Node, target: Callable[..., Any], *args: Any) -
     """A call_function node with ``like``'s module metadata and a fake value."""
     g = gm.graph
     new = g.call_function(target, args)
-    new.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    copy_debug_meta(like, new)
     fake_mode = detect_fake_mode([n.meta.get("val") for n in g.nodes if n.op == "placeholder"])
     vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
     if fake_mode is not None:
