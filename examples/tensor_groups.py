@@ -9,6 +9,10 @@ output SQNR (keys and values against float, held-out real utterances) is measure
 - with only that group's activations quantized ("only <group>": the damage it does alone;
   the weights stay quantized throughout).
 
+The weights are grouped the same way by the layer that reads them (block indices
+dropped: ``encoder.blocks.*.mlp.2``): "float <layer>" keeps those weights float, "only
+<layer>" quantizes only them (activations float in both).
+
     python examples/tensor_groups.py --model tiny.en --method mse+r16 --bits w8a8
 
 Writes docs/results/tensor_groups_<model>_<method>_<bits>.{json,md}. A diagnosis, not a
@@ -30,6 +34,7 @@ from torch.fx import GraphModule, Node
 
 from esc_ao import QuantConfig, convert, export_model
 from esc_ao.config import BIT_LABELS
+from esc_ao.graph_prep import resolve_attr
 from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.recipe import split_method
 from esc_ao.atomic import write_json_atomic, write_text_atomic
@@ -41,6 +46,7 @@ _QD = torch.ops.quantized_decomposed
 _MOVES = {aten.view.default, aten.permute.default, aten.transpose.int, aten.reshape.default, aten.clone.default,
           aten.flatten.using_ints, aten.slice.Tensor, aten.unsqueeze.default, aten.squeeze.dim, aten.select.int,
           aten.expand.default, aten._unsafe_view.default}
+_WEIGHTED = {aten.linear.default, aten.conv1d.default, aten.conv2d.default}
 
 
 def _group(node: Node) -> str:
@@ -61,15 +67,53 @@ def _pairs(gm: GraphModule) -> list[Node]:
             and isinstance(n.args[0], Node) and n.args[0].target == _QD.quantize_per_tensor.default]
 
 
-def _without(gm: GraphModule, keep: Callable[[Node], bool]) -> GraphModule:
-    """A copy of ``gm`` in which every activation pair not kept reads its float input."""
+def _without(gm: GraphModule, keep: Callable[[Node], bool], float_weights: dict[str, torch.Tensor] | None = None,
+             keep_weight: Callable[[Node], bool] = lambda n: True) -> GraphModule:
+    """A copy of ``gm`` in which every activation pair not kept reads its float input and
+    every layer whose weight is not kept reads its float weight (from ``float_weights``,
+    by layer node name)."""
     out = copy.deepcopy(gm)
     for dq in _pairs(out):
         if not keep(dq):
             dq.replace_all_uses_with(dq.args[0].args[0])
+    for layer in _weighted(out):
+        if not keep_weight(layer):
+            assert float_weights is not None
+            name = f"_float_weight_{layer.name}"
+            out.register_buffer(name, float_weights[layer.name])
+            with out.graph.inserting_before(layer):
+                layer.replace_input_with(layer.args[1], out.graph.get_attr(name))
     out.graph.eliminate_dead_code()
     out.recompile()
     return out
+
+
+def _weighted(gm: GraphModule) -> list[Node]:
+    """The linears and convs whose weight is dequantized from a stored integer weight."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _WEIGHTED
+            and isinstance(n.args[1], Node) and n.args[1].op == "call_function"
+            and "dequantize" in str(n.args[1].target)]
+
+
+def _float_weights(prepared: GraphModule) -> dict[str, torch.Tensor]:
+    """Each linear/conv node's float weight in the prepared (observed) graph, by node name
+    (convert keeps the names; it replaces the weights by integers)."""
+    out = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and node.target in _WEIGHTED and isinstance(node.args[1], Node):
+            w = node.args[1]
+            while w.op == "call_module":  # the weight observer
+                w = w.args[0]
+            if w.op == "get_attr":
+                out[node.name] = resolve_attr(prepared, str(w.target)).detach().clone()
+    return out
+
+
+def _layer(node: Node) -> str:
+    """The module path of a layer, block indices replaced by '*'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else node.name
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
 
 
 def _sqnr(model: Callable[..., Any], refs: list[Any], mels: list[torch.Tensor]) -> float:
@@ -110,6 +154,7 @@ def main() -> None:
     base, recipe = split_method(args.method)
     ready = recipe.prepare(export_model(audio, (calib[0],)), [(m,) for m in calib],
                            QuantConfig.from_label(args.bits, method=base))
+    floats = _float_weights(ready.model)
     quantized = convert(ready.model)
     groups: dict[str, list[str]] = defaultdict(list)
     for dq in _pairs(quantized):
@@ -122,11 +167,22 @@ def main() -> None:
                                                         test), 2),
                      "only_group_sqnr_db": round(_sqnr(_without(quantized, lambda n: n.name in names), refs, test),
                                                  2)})
+    layers: dict[str, set[str]] = defaultdict(set)
+    for node in _weighted(quantized):
+        layers[_layer(node)].add(node.name)
+    weight_rows = []
+    for name, members in sorted(layers.items()):
+        weight_rows.append({
+            "layer": name, "layers": len(members),
+            "float_layer_sqnr_db": round(_sqnr(_without(quantized, lambda n: False, floats,
+                                                        lambda n: n.name not in members), refs, test), 2),
+            "only_layer_sqnr_db": round(_sqnr(_without(quantized, lambda n: False, floats,
+                                                       lambda n: n.name in members), refs, test), 2)})
     result = {"model": f"whisper-{args.model}", "method": args.method, "bits": args.bits,
               "calibration_utterances": len(calib), "held_out_utterances": len(test),
               "all_quantized_sqnr_db": round(_sqnr(quantized, refs, test), 2),
               "weights_only_sqnr_db": round(_sqnr(_without(quantized, lambda n: False), refs, test), 2),
-              "groups": rows, "seconds": round(time.perf_counter() - t0, 1)}
+              "groups": rows, "weights": weight_rows, "seconds": round(time.perf_counter() - t0, 1)}
     stem = f"tensor_groups_whisper-{args.model}_{args.method}_{args.bits}"
     write_json_atomic(args.out / f"{stem}.json", result)
     cmd = (f"python examples/tensor_groups.py --model {args.model} --method {args.method} --bits {args.bits} "
@@ -140,6 +196,12 @@ def main() -> None:
              "quantized (dB) |", "|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['tensors']} | {r['float_group_sqnr_db']} | {r['only_group_sqnr_db']} |"
               for r in rows]
+    lines += ["", "Weights, activations float: quantized weights give "
+              f"{result['weights_only_sqnr_db']} dB.", "",
+              "| weights read by | layers | these float, other weights quantized (dB) | only these quantized (dB) |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['layers']} | {r['float_layer_sqnr_db']} | {r['only_layer_sqnr_db']} |"
+              for r in weight_rows]
     write_text_atomic(args.out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

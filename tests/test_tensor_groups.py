@@ -1,6 +1,7 @@
 """examples/tensor_groups.py's graph surgery on a small attention model: activations are
 grouped by the op that produced them, and leaving a group float (or only it quantized)
-changes exactly that group's quantize/dequantize pairs."""
+changes exactly that group's quantize/dequantize pairs; weights are put back float by
+layer."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def test_groups_and_surgery(groups) -> None:  # type: ignore[no-untyped-def]
     batches = [(torch.randn(1, 40, 16),) for _ in range(3)]
     prepared = prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(method="max")))
     observe(prepared, batches)
+    floats = groups._float_weights(prepared)
     quantized = convert(prepared)
     pairs = groups._pairs(quantized)
     names = {dq.name: groups._group(dq.args[0].args[0]) for dq in pairs}
@@ -42,4 +44,12 @@ def test_groups_and_surgery(groups) -> None:  # type: ignore[no-untyped-def]
     mels = [b[0] for b in batches]
     wrap = lambda gm: (lambda x: (gm(x),))  # noqa: E731 - the script's models return tuples
     full = groups._sqnr(wrap(quantized), [(r,) for r in refs], mels)
-    assert groups._sqnr(wrap(groups._without(quantized, lambda n: False)), [(r,) for r in refs], mels) > full
+    weights_only = groups._sqnr(wrap(groups._without(quantized, lambda n: False)), [(r,) for r in refs], mels)
+    assert weights_only > full
+    layers = {groups._layer(n) for n in groups._weighted(quantized)}
+    assert layers == {"q", "k", "v", "out"} and set(floats) == {n.name for n in groups._weighted(quantized)}
+    # every weight float and every activation float: the float model again
+    none = groups._without(quantized, lambda n: False, floats, lambda n: False)
+    assert groups._sqnr(wrap(none), [(r,) for r in refs], mels) > 100
+    one = groups._without(quantized, lambda n: False, floats, lambda n: groups._layer(n) == "v")
+    assert 100 > groups._sqnr(wrap(one), [(r,) for r in refs], mels) > weights_only
