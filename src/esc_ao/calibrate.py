@@ -48,9 +48,9 @@ class NonFiniteObjectiveError(RuntimeError):
     """Every candidate of a generation gave a non-finite objective."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CalibrationResult:
-    """What the search did. Scales are listed in ``labels`` order."""
+    """What the search did. Scales are listed in ``labels`` order. Built by keyword."""
 
     labels: list[str]
     observer_scales: list[float]  # from the observers' statistics (method's own choice)
@@ -67,6 +67,7 @@ class CalibrationResult:
     # the searched scales on batches the search did not score
     holdout_start: float | None = None
     holdout_final: float | None = None
+    start: str = ""  # which starting point the local step chose (also the message's first part)
 
     @property
     def evaluations_per_second(self) -> float:
@@ -259,9 +260,12 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
     _set_scales(dims, final_scales)
     message = f"start: {state['start']}; {message}"
     log.info("ESC: %s", message)
-    return CalibrationResult(labels, observer_scales, list(local), final_scales, init_obj, final_obj, improved,
-                             message, state["evaluations"] + 1, time.perf_counter() - t0, list(state["history"]),
-                             *(held or (None, None)))
+    return CalibrationResult(labels=labels, observer_scales=observer_scales, initial_scales=list(local),
+                             final_scales=final_scales, initial_objective=init_obj, final_objective=final_obj,
+                             improved=improved, message=message, evaluations=state["evaluations"] + 1,
+                             wall_seconds=time.perf_counter() - t0, history=list(state["history"]),
+                             holdout_start=held[0] if held else None, holdout_final=held[1] if held else None,
+                             start=state["start"])
 
 
 def _start(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], config: SearchConfig,

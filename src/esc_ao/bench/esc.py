@@ -37,7 +37,7 @@ def run_esc_bench(out_dir: Path, bits: list[str], search: SearchConfig, n_calibr
         row = {"model": inputs.name, "bits": label, "metric": "output_sqnr_db",
                "mse_value": round(base["output_sqnr_db"], 2), "esc_value": round(esc_report["output_sqnr_db"], 2),
                "objective_local_step": esc["initial_objective"], "objective_final": esc["final_objective"],
-               "start": esc["message"].split(";")[0], "evaluations": esc["evaluations"],
+               "start": f"start: {esc['start']}", "evaluations": esc["evaluations"],
                "evaluations_per_second": round(esc["evaluations_per_second"], 3),
                "search_seconds": round(esc["wall_seconds"], 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "scales": len(esc["labels"]), "calibration_batches": esc_report["calibration_batches"],
