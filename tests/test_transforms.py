@@ -161,13 +161,14 @@ def _gptq_setup() -> tuple[nn.Module, list[tuple]]:
     return model, [(torch.randn(1, 40, 32) @ mix * 0.3,) for _ in range(6)]
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gptq_weights_lie_on_the_grid_the_observer_finds(bits: int) -> None:
+def test_gptq_weights_lie_on_the_grid_the_observer_finds(bits: int, act_order: bool) -> None:
     from esc_ao.transforms import gptq
 
     model, batches = _gptq_setup()
     gm = export_model(model, batches[0])
-    records = gptq(gm, batches, bits)
+    records = gptq(gm, batches, bits, act_order=act_order)
     assert [r.applied for r in records] == [True, True]
     rounded = {n: p.detach().clone() for n, p in gm.named_parameters() if n.endswith("weight")}
     prepared = prepare(gm, EscQuantizer(QuantConfig(weight_bits=bits, act_bits=8, method="max")))
@@ -188,16 +189,19 @@ def test_gptq_beats_round_to_nearest_at_4_bits_and_says_by_how_much() -> None:
 
     model, batches = _gptq_setup()
 
-    def sqnr(transform: bool) -> float:
+    def sqnr(transform: bool, act_order: bool = False) -> float:
         gm = export_model(model, batches[0])
         if transform:
-            records = gptq(gm, batches, 4)
+            records = gptq(gm, batches, 4, act_order=act_order)
             assert all("of round-to-nearest" in r.detail for r in records)
+            assert all(("act-order" in r.detail) == act_order for r in records)
         prepared = prepare(gm, EscQuantizer(QuantConfig(weight_bits=4, act_bits=8, method="mse")))
         observe(prepared, batches)
         return output_sqnr(model, convert(prepared), batches)
 
-    assert sqnr(True) > sqnr(False) + 1.0
+    rtn = sqnr(False)
+    assert sqnr(True) > rtn + 1.0
+    assert sqnr(True, act_order=True) > rtn + 1.0
 
 
 def test_gptq_skips_tied_weights_and_needs_data() -> None:

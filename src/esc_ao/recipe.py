@@ -15,6 +15,7 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
   channels;
 - ``+sq``: SmoothQuant-style smoothing of every LayerNorm -> linear site, alpha per site;
 - ``+gptq``: GPTQ rounding of every linear's weights (after smoothing, when both);
+  ``+gptqa`` the same with GPTQ's act-order (columns in decreasing Hessian diagonal);
 - ``+t8``: under 4-bit weights, a linear whose weight is tied to an embedding (Whisper's
   output projection) keeps 8-bit weights, as LLM quantizers keep their output heads;
 - ``+gN``: group-wise linear weights, one scale per N input channels of each output
@@ -52,6 +53,7 @@ RECIPE_FLAGS: dict[str, str] = {
     "had": "Hadamard-rotated residual stream",
     "sq": "LayerNorm -> linear smoothing",
     "gptq": "GPTQ weight rounding",
+    "gptqa": "GPTQ weight rounding, act-order",
     "t8": "tied output projections at 8-bit weights",
 }
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
@@ -71,6 +73,7 @@ class Recipe:
     residual: ResidualPrecision = "int8"
     smooth: bool = False
     gptq: bool = False
+    act_order: bool = False
     tied_8bit: bool = False
     weight_group: int | None = None
     precision_budget: float | None = None
@@ -85,6 +88,8 @@ class Recipe:
                 raise ValueError(f"weight_group={self.weight_group} on the XNNPACK target: XNNPACK runs group-wise "
                                  "weights only with dynamic int8 inputs; drop +g/--weight-group or use the reference "
                                  "target")
+        if self.act_order and not self.gptq:
+            raise ValueError("act_order=True needs gptq=True (recipe flag +gptqa)")
         if self.rotate_block is not None and (not self.rotate or self.rotate_block < 2
                                               or self.rotate_block & (self.rotate_block - 1)):
             raise ValueError(f"rotate_block={self.rotate_block!r} needs rotate=True and a power of two >= 2 "
@@ -106,7 +111,7 @@ class Recipe:
         flags = (["xnn"] if self.target == "xnnpack" else []) + \
             [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["p16"] if self.probs16 else []) + \
             ([f"had{self.rotate_block or ''}"] if self.rotate else []) + (["sq"] if self.smooth else []) + \
-            (["gptq"] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
+            ([("gptqa" if self.act_order else "gptq")] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
             ([f"g{self.weight_group}"] if self.weight_group is not None else []) + \
             ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
         return "".join(f"+{f}" for f in flags)
@@ -134,7 +139,8 @@ class Recipe:
             records += smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits,
                               weight_bits=config.weight_bits)
         if self.gptq:
-            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits, config.weight_group)
+            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits, config.weight_group,
+                            act_order=self.act_order)
         return records
 
     def quantizer(self, config: QuantConfig, graph: GraphModule | None = None) -> EscQuantizer:
@@ -227,11 +233,14 @@ def split_method(method: str) -> tuple[str, Recipe]:
     if len(budgets) > 1 or any(not _is_percent(b[2:]) for b in budgets):
         raise ValueError(f"method {method!r}: one mixed-precision flag +mpN at most, N a percentage of the "
                          "multiply-accumulates in (0, 100], e.g. +mp10")
-    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1:
-        raise ValueError(f"method {method!r}: each flag at most once, and one residual flag (+r16 or +rf)")
+    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1 \
+            or {"gptq", "gptqa"} <= set(flags):
+        raise ValueError(f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf) and one GPTQ "
+                         "flag (+gptq or +gptqa)")
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
-                        smooth="sq" in flags, gptq="gptq" in flags, tied_8bit="t8" in flags,
+                        smooth="sq" in flags, gptq="gptq" in flags or "gptqa" in flags,
+                        act_order="gptqa" in flags, tied_8bit="t8" in flags,
                         weight_group=groups[0] if groups else None,
                         precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
                         probs16="p16" in flags, rotate=bool(rotations), rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:]

@@ -17,7 +17,10 @@ the smoothing transform this one is not float-exact: it moves the weights onto t
 of ``weight_bits``, so it must run with that bit width.
 
 Inputs are the float model's (no sequential requantization of earlier layers); columns
-are processed in their natural order; the Hessian is damped by 1 % of its mean diagonal.
+are processed in their natural order, or with ``act_order`` in decreasing order of the
+Hessian's diagonal (the inputs with the most energy first, while the most columns are
+left to absorb their error: GPTQ's "act-order", compatible with the static group
+scales above); the Hessian is damped by 1 % of its mean diagonal.
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ class _Hessians(Interpreter):
 
 
 def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
-         group_size: int | None = None) -> list[TransformRecord]:
+         group_size: int | None = None, act_order: bool = False) -> list[TransformRecord]:
     """GPTQ-rounds the weight of every linear of ``gm`` in place for ``weight_bits``-bit
     per-channel grids, or group-wise ones where ``group_size`` divides the input width
     (as ``QuantConfig.weight_group``); returns one record per linear (skipped: tied or
-    non-parameter weights)."""
+    non-parameter weights). ``act_order``: columns in decreasing Hessian diagonal."""
     if not batches:
         raise ValueError("gptq needs at least one calibration batch to estimate each layer's Hessian")
     qmax = qrange(weight_bits, weight=True)[1]
@@ -94,7 +97,7 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
             h = stats.h[node.name] / stats.rows[node.name]
             # the quantizer's own rule, so GPTQ's grid is the one its observer will find
             group = group_size if group_size is not None and uses_groups(node, group_size) else weight.shape[1]
-            rounded = _gptq_rows(weight, h.float(), qmax, group)
+            rounded = _gptq_rows(weight, h.float(), qmax, group, act_order)
             x = stats.sample[node.name]
             scale = _group_scales(weight, qmax, group).repeat_interleave(group, dim=1)
             rtn = (weight / scale).round().clamp(-qmax, qmax) * scale
@@ -102,8 +105,9 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
             ratio = float((x @ rounded.T - ref).pow(2).sum() / (x @ rtn.T - ref).pow(2).sum().clamp(min=1e-30))
             replace_parameter(gm, target, rounded.to(resolve_attr(gm, target).dtype))
             grid = f" group-{group}" if group != weight.shape[1] else ""  # per-channel: no word
-            records.append(TransformRecord(node.name, "gptq", True, f"{weight_bits}-bit{grid} weights; layer output "
-                                                                    f"error x{ratio:.3f} of round-to-nearest"))
+            order = ", act-order" if act_order else ""
+            records.append(TransformRecord(node.name, "gptq", True, f"{weight_bits}-bit{grid} weights{order}; layer "
+                                                                    f"output error x{ratio:.3f} of round-to-nearest"))
     gm.recompile()
     return records
 
@@ -113,33 +117,38 @@ def _group_scales(weight: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
     return weight.abs().reshape(weight.shape[0], -1, group).amax(dim=2).clamp(min=1e-12) / qmax
 
 
-def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
+def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int, group: int, act_order: bool = False) -> torch.Tensor:
     """The weight (out, in) rounded column by column onto grids of scale
     max|w_group| / qmax per row and group of ``group`` columns (``group`` = in: per row),
     each column's error spread over the later ones through the Cholesky factor of H^-1
-    (the GPTQ update)."""
-    w = weight.clone()
-    out_features, in_features = w.shape
+    (the GPTQ update); ``act_order``: columns taken in decreasing diag(H)."""
+    out_features, in_features = weight.shape
     rows_idx = torch.arange(out_features)
-    scales = _group_scales(w, qmax, group)  # (out, groups)
+    scales = _group_scales(weight, qmax, group)  # (out, groups), of the float weight
     # each group's largest weight stays at +-qmax: keeps its scale (absolute column index)
-    pinned = w.abs().reshape(out_features, -1, group).argmax(dim=2) + torch.arange(0, in_features, group)
-    pinned_level = torch.sign(w[rows_idx[:, None], pinned]) * qmax
+    pinned = weight.abs().reshape(out_features, -1, group).argmax(dim=2) + torch.arange(0, in_features, group)
+    pinned_level = torch.sign(weight[rows_idx[:, None], pinned]) * qmax
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
+    w = weight.clone()
     w[:, dead] = 0.0
+    # perm[i]: the original column processed i-th
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(in_features)
+    w, h = w[:, perm], h[perm][:, perm]
     h += _DAMP * torch.diag(h).mean() * torch.eye(in_features)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.empty_like(w)
     for i in range(in_features):
-        col = w[:, i]
-        g = i // group
+        col, orig = w[:, i], int(perm[i])
+        g = orig // group
         scale = scales[:, g]
         level = (col / scale).round().clamp(-qmax, qmax)
-        rows = pinned[:, g] == i
+        rows = pinned[:, g] == orig
         level[rows] = pinned_level[rows, g]
         q[:, i] = level * scale
         err = (col - q[:, i]) / hinv[i, i]
         w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
-    return q
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out
