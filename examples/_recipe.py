@@ -88,7 +88,7 @@ def save_state(path: Path, **state: Any) -> None:
 
 def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 class Run:
@@ -96,8 +96,16 @@ class Run:
     best epoch by held-out error (``error_name`` in the history), and the stop rules
     (patience after ``min_epochs``, the time budget, ``max_epochs``)."""
 
-    def __init__(self, work: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                 log: Log, args: Any, error_name: str) -> None:
+    def __init__(
+        self,
+        work: Path,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        log: Log,
+        args: Any,
+        error_name: str,
+    ) -> None:
         self.path, self.model, self.opt, self.gen, self.log, self.args = work / "state.pt", model, opt, gen, log, args
         self.error_name = error_name
         self.epoch, self.step, self.best, self.best_state, self.history, self.spent = 0, 0, float("inf"), None, [], 0.0
@@ -106,7 +114,8 @@ class Run:
             st = torch.load(self.path, weights_only=True)  # data only, as every file esc-ao reads
             model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
             self.epoch, self.step, self.best, self.best_state, self.history, self.spent = (
-                st[k] for k in ("epoch", "step", "best", "best_state", "history", "spent"))
+                st[k] for k in ("epoch", "step", "best", "best_state", "history", "spent")
+            )
             log("resumed", epoch=self.epoch, best=self.best)
         self.start = time.perf_counter() - self.spent
 
@@ -127,15 +136,30 @@ class Run:
 
     def end_epoch(self, losses: list[float], error: float, t_epoch: float) -> None:
         self.epoch += 1
-        self.history.append({"epoch": self.epoch, "loss": round(sum(losses) / len(losses), 4),
-                             self.error_name: round(error, 4), "epoch_seconds": round(time.perf_counter() - t_epoch, 1)})
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "loss": round(sum(losses) / len(losses), 4),
+                self.error_name: round(error, 4),
+                "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
+            }
+        )
         if error < self.best:
             self.best, self.best_state = error, {k: v.clone() for k, v in self.model.state_dict().items()}
         self.log("epoch", **self.history[-1], **{f"best_{self.error_name}": round(self.best, 4)})
         self.spent = time.perf_counter() - self.start
-        save_state(self.path, model=self.model.state_dict(), opt=self.opt.state_dict(), gen=self.gen.get_state(),
-                   epoch=self.epoch, step=self.step, best=self.best, best_state=self.best_state, history=self.history,
-                   spent=self.spent)
+        save_state(
+            self.path,
+            model=self.model.state_dict(),
+            opt=self.opt.state_dict(),
+            gen=self.gen.get_state(),
+            epoch=self.epoch,
+            step=self.step,
+            best=self.best,
+            best_state=self.best_state,
+            history=self.history,
+            spent=self.spent,
+        )
         since_best = self.epoch - min(h["epoch"] for h in self.history if h[self.error_name] == round(self.best, 4))
         if since_best >= self.args.patience and self.epoch >= self.args.min_epochs:
             self.log(f"stop: held-out {self.error_name} has not improved", epochs_since_best=since_best)
@@ -149,13 +173,21 @@ class Run:
         return self.model
 
     def summary(self, recipe: str, corpus_fingerprint: str) -> dict[str, Any]:
-        return {"recipe": recipe, "seed": self.args.seed, "epochs": self.epoch, f"best_{self.error_name}": self.best,
-                "train_minutes": round(self.spent / 60, 1), "history": self.history, "corpus": corpus_fingerprint,
-                "params": sum(p.numel() for p in self.model.parameters())}
+        return {
+            "recipe": recipe,
+            "seed": self.args.seed,
+            "epochs": self.epoch,
+            f"best_{self.error_name}": self.best,
+            "train_minutes": round(self.spent / 60, 1),
+            "history": self.history,
+            "corpus": corpus_fingerprint,
+            "params": sum(p.numel() for p in self.model.parameters()),
+        }
 
 
-def parser(name: str, model: str, *, max_minutes: float, max_epochs: int, min_epochs: int,
-           lr: float) -> argparse.ArgumentParser:
+def parser(
+    name: str, model: str, *, max_minutes: float, max_epochs: int, min_epochs: int, lr: float
+) -> argparse.ArgumentParser:
     """The arguments both recipes take; ``name`` names the work folder and the log."""
     from esc_ao.speech.pretrained import checkpoint_path
 
@@ -170,7 +202,9 @@ def parser(name: str, model: str, *, max_minutes: float, max_epochs: int, min_ep
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--work", type=Path, default=root / ".work" / name)
     ap.add_argument("--out", type=Path, default=checkpoint_path(model))
-    ap.add_argument("--log", type=Path, default=root / "docs" / "results" / "training" / f"{name.removeprefix('train_')}.log")
+    ap.add_argument(
+        "--log", type=Path, default=root / "docs" / "results" / "training" / f"{name.removeprefix('train_')}.log"
+    )
     return ap
 
 

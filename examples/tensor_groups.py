@@ -33,19 +33,30 @@ import torch
 from torch.fx import GraphModule, Node
 
 from esc_ao import QuantConfig, convert, export_model
+from esc_ao.atomic import write_json_atomic, write_text_atomic
+from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.config import BIT_LABELS
 from esc_ao.graph_prep import resolve_attr
-from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.recipe import split_method
-from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 aten = torch.ops.aten
 _QD = torch.ops.quantized_decomposed
 # ops that move values without changing them: a quantized tensor is named by what produced
 # it before them
-_MOVES = {aten.view.default, aten.permute.default, aten.transpose.int, aten.reshape.default, aten.clone.default,
-          aten.flatten.using_ints, aten.slice.Tensor, aten.unsqueeze.default, aten.squeeze.dim, aten.select.int,
-          aten.expand.default, aten._unsafe_view.default}
+_MOVES = {
+    aten.view.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.flatten.using_ints,
+    aten.slice.Tensor,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.select.int,
+    aten.expand.default,
+    aten._unsafe_view.default,
+}
 _WEIGHTED = {aten.linear.default, aten.conv1d.default, aten.conv2d.default}
 
 
@@ -63,12 +74,22 @@ def _group(node: Node) -> str:
 
 def _pairs(gm: GraphModule) -> list[Node]:
     """The dequantize nodes of activation quantize/dequantize pairs."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == _QD.dequantize_per_tensor.default
-            and isinstance(n.args[0], Node) and n.args[0].target == _QD.quantize_per_tensor.default]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target == _QD.dequantize_per_tensor.default
+        and isinstance(n.args[0], Node)
+        and n.args[0].target == _QD.quantize_per_tensor.default
+    ]
 
 
-def _without(gm: GraphModule, keep: Callable[[Node], bool], float_weights: dict[str, torch.Tensor] | None = None,
-             keep_weight: Callable[[Node], bool] = lambda n: True) -> GraphModule:
+def _without(
+    gm: GraphModule,
+    keep: Callable[[Node], bool],
+    float_weights: dict[str, torch.Tensor] | None = None,
+    keep_weight: Callable[[Node], bool] = lambda n: True,
+) -> GraphModule:
     """A copy of ``gm`` in which every activation pair not kept reads its float input and
     every layer whose weight is not kept reads its float weight (from ``float_weights``,
     by layer node name)."""
@@ -90,9 +111,15 @@ def _without(gm: GraphModule, keep: Callable[[Node], bool], float_weights: dict[
 
 def _weighted(gm: GraphModule) -> list[Node]:
     """The linears and convs whose weight is dequantized from a stored integer weight."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _WEIGHTED
-            and isinstance(n.args[1], Node) and n.args[1].op == "call_function"
-            and "dequantize" in str(n.args[1].target)]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in _WEIGHTED
+        and isinstance(n.args[1], Node)
+        and n.args[1].op == "call_function"
+        and "dequantize" in str(n.args[1].target)
+    ]
 
 
 def _float_weights(prepared: GraphModule) -> dict[str, torch.Tensor]:
@@ -144,16 +171,19 @@ def main() -> None:
     t0 = time.perf_counter()
     audio = WhisperAudio(load_whisper(args.model).eval()).eval()
     corpus = load_eval_corpus(f"whisper-{args.model}", "real")
-    calib = [whisper_mel(torch.from_numpy(u.audio()))
-             for u in calibration_sample(corpus.utterances("calibration"), args.calibration, 0)]
+    calib = [
+        whisper_mel(torch.from_numpy(u.audio()))
+        for u in calibration_sample(corpus.utterances("calibration"), args.calibration, 0)
+    ]
     test_utts = corpus.utterances("test")
     step = max(1, len(test_utts) // args.held_out)
-    test = [whisper_mel(torch.from_numpy(u.audio())) for u in test_utts[::step][:args.held_out]]
+    test = [whisper_mel(torch.from_numpy(u.audio())) for u in test_utts[::step][: args.held_out]]
     with torch.no_grad():
         refs = [audio(m) for m in test]
     base, recipe = split_method(args.method)
-    ready = recipe.prepare(export_model(audio, (calib[0],)), [(m,) for m in calib],
-                           QuantConfig.from_label(args.bits, method=base))
+    ready = recipe.prepare(
+        export_model(audio, (calib[0],)), [(m,) for m in calib], QuantConfig.from_label(args.bits, method=base)
+    )
     floats = _float_weights(ready.model)
     quantized = convert(ready.model)
     groups: dict[str, list[str]] = defaultdict(list)
@@ -162,46 +192,76 @@ def main() -> None:
     rows = []
     for name, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         names = set(members)
-        rows.append({"group": name, "tensors": len(members),
-                     "float_group_sqnr_db": round(_sqnr(_without(quantized, lambda n: n.name not in names), refs,
-                                                        test), 2),
-                     "only_group_sqnr_db": round(_sqnr(_without(quantized, lambda n: n.name in names), refs, test),
-                                                 2)})
+        rows.append(
+            {
+                "group": name,
+                "tensors": len(members),
+                "float_group_sqnr_db": round(_sqnr(_without(quantized, lambda n: n.name not in names), refs, test), 2),
+                "only_group_sqnr_db": round(_sqnr(_without(quantized, lambda n: n.name in names), refs, test), 2),
+            }
+        )
     layers: dict[str, set[str]] = defaultdict(set)
     for node in _weighted(quantized):
         layers[_layer(node)].add(node.name)
     weight_rows = []
     for name, members in sorted(layers.items()):
-        weight_rows.append({
-            "layer": name, "layers": len(members),
-            "float_layer_sqnr_db": round(_sqnr(_without(quantized, lambda n: False, floats,
-                                                        lambda n: n.name not in members), refs, test), 2),
-            "only_layer_sqnr_db": round(_sqnr(_without(quantized, lambda n: False, floats,
-                                                       lambda n: n.name in members), refs, test), 2)})
-    result = {"model": f"whisper-{args.model}", "method": args.method, "bits": args.bits,
-              "calibration_utterances": len(calib), "held_out_utterances": len(test),
-              "all_quantized_sqnr_db": round(_sqnr(quantized, refs, test), 2),
-              "weights_only_sqnr_db": round(_sqnr(_without(quantized, lambda n: False), refs, test), 2),
-              "groups": rows, "weights": weight_rows, "seconds": round(time.perf_counter() - t0, 1)}
+        weight_rows.append(
+            {
+                "layer": name,
+                "layers": len(members),
+                "float_layer_sqnr_db": round(
+                    _sqnr(_without(quantized, lambda n: False, floats, lambda n: n.name not in members), refs, test), 2
+                ),
+                "only_layer_sqnr_db": round(
+                    _sqnr(_without(quantized, lambda n: False, floats, lambda n: n.name in members), refs, test), 2
+                ),
+            }
+        )
+    result = {
+        "model": f"whisper-{args.model}",
+        "method": args.method,
+        "bits": args.bits,
+        "calibration_utterances": len(calib),
+        "held_out_utterances": len(test),
+        "all_quantized_sqnr_db": round(_sqnr(quantized, refs, test), 2),
+        "weights_only_sqnr_db": round(_sqnr(_without(quantized, lambda n: False), refs, test), 2),
+        "groups": rows,
+        "weights": weight_rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     stem = f"tensor_groups_whisper-{args.model}_{args.method}_{args.bits}"
     write_json_atomic(args.out / f"{stem}.json", result)
-    cmd = (f"python examples/tensor_groups.py --model {args.model} --method {args.method} --bits {args.bits} "
-           f"--threads {args.threads}")
-    lines = [f"# Which activations limit Whisper {args.model}'s audio part: {args.method} {args.bits}", "",
-             f"Command: `{cmd}`. Output SQNR of the cross-attention keys and values against float on "
-             f"{len(test)} held-out real utterances; {len(calib)} real calibration utterances.", "",
-             f"All quantized: **{result['all_quantized_sqnr_db']} dB**; weights only (every activation float): "
-             f"{result['weights_only_sqnr_db']} dB.", "",
-             "| activations produced by | tensors | this group float, rest quantized (dB) | only this group "
-             "quantized (dB) |", "|---|---|---|---|"]
-    lines += [f"| {r['group']} | {r['tensors']} | {r['float_group_sqnr_db']} | {r['only_group_sqnr_db']} |"
-              for r in rows]
-    lines += ["", "Weights, activations float: quantized weights give "
-              f"{result['weights_only_sqnr_db']} dB.", "",
-              "| weights read by | layers | these float, other weights quantized (dB) | only these quantized (dB) |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['layers']} | {r['float_layer_sqnr_db']} | {r['only_layer_sqnr_db']} |"
-              for r in weight_rows]
+    cmd = (
+        f"python examples/tensor_groups.py --model {args.model} --method {args.method} --bits {args.bits} "
+        f"--threads {args.threads}"
+    )
+    lines = [
+        f"# Which activations limit Whisper {args.model}'s audio part: {args.method} {args.bits}",
+        "",
+        f"Command: `{cmd}`. Output SQNR of the cross-attention keys and values against float on "
+        f"{len(test)} held-out real utterances; {len(calib)} real calibration utterances.",
+        "",
+        f"All quantized: **{result['all_quantized_sqnr_db']} dB**; weights only (every activation float): "
+        f"{result['weights_only_sqnr_db']} dB.",
+        "",
+        "| activations produced by | tensors | this group float, rest quantized (dB) | only this group "
+        "quantized (dB) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['group']} | {r['tensors']} | {r['float_group_sqnr_db']} | {r['only_group_sqnr_db']} |" for r in rows
+    ]
+    lines += [
+        "",
+        "Weights, activations float: quantized weights give " f"{result['weights_only_sqnr_db']} dB.",
+        "",
+        "| weights read by | layers | these float, other weights quantized (dB) | only these quantized (dB) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['layer']} | {r['layers']} | {r['float_layer_sqnr_db']} | {r['only_layer_sqnr_db']} |"
+        for r in weight_rows
+    ]
     write_text_atomic(args.out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -40,8 +40,7 @@ def predict(model: AST, x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = parser("train_ast", "ast", max_minutes=45.0, max_epochs=10, min_epochs=4,
-                lr=1e-3)
+    ap = parser("train_ast", "ast", max_minutes=45.0, max_epochs=10, min_epochs=4, lr=1e-3)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
     gen, log = start(args)
@@ -60,8 +59,14 @@ def main() -> None:
     x_train = norm(x_train)
     x_dev, y_dev, _ = load("calibration")
     x_dev = norm(x_dev)
-    log("data", train=len(y_train), dev=len(y_dev), feature_seconds=round(time.perf_counter() - t0, 1),
-        config=CONFIG, args={k: str(v) for k, v in vars(args).items()})
+    log(
+        "data",
+        train=len(y_train),
+        dev=len(y_dev),
+        feature_seconds=round(time.perf_counter() - t0, 1),
+        config=CONFIG,
+        args={k: str(v) for k, v in vars(args).items()},
+    )
 
     model = AST(**CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -81,12 +86,15 @@ def main() -> None:
     model = run.best_model()
     x_test, y_test, test = load("test")
     pred = predict(model, norm(x_test))
-    right = (pred == y_test)
+    right = pred == y_test
     acc = accuracy(right.tolist())
     unseen = torch.tensor([u.voice in corpus.manifest["voices"]["test_only"] for u in test])
     acc_unseen = accuracy(right[unseen].tolist())
-    summary = {**run.summary("examples/train_ast.py", corpus.manifest["fingerprint"]),
-               "test_accuracy": acc.as_dict(), "test_accuracy_unseen_voices": acc_unseen.as_dict()}
+    summary = {
+        **run.summary("examples/train_ast.py", corpus.manifest["fingerprint"]),
+        "test_accuracy": acc.as_dict(),
+        "test_accuracy_unseen_voices": acc_unseen.as_dict(),
+    }
     log("test", accuracy=acc.as_dict(), unseen_voices=acc_unseen.as_dict())
     save_checkpoint(args.out, "ast", model, CONFIG, N_MELS, FRAMES, norm, classes, summary)
     log("wrote", checkpoint=str(args.out))

@@ -42,8 +42,7 @@ def transcribe(model: ConformerCTC, feats: list[torch.Tensor]) -> list[str]:
 
 
 def main() -> None:
-    ap = parser("train_conformer_ctc", "conformer-ctc", max_minutes=50.0, max_epochs=30, min_epochs=8,
-                lr=2e-3)
+    ap = parser("train_conformer_ctc", "conformer-ctc", max_minutes=50.0, max_epochs=30, min_epochs=8, lr=2e-3)
     ap.add_argument("--max-frames", type=int, default=12000, help="padded frames per batch")
     args = ap.parse_args()
     gen, log = start(args)
@@ -55,9 +54,15 @@ def main() -> None:
     feats = [norm(f) for f in raw]
     dev_feats = [norm(fbank(u.audio(), CONFIG["n_mels"])) for u in dev]
     labels = [torch.tensor(ctc_encode(u.text)) for u in train]
-    log("data", train=len(train), dev=len(dev), feature_seconds=round(time.perf_counter() - t0, 1),
-        train_hours=round(sum(f.shape[0] for f in feats) / 360000, 2), config=CONFIG, args={
-            k: str(v) for k, v in vars(args).items()})
+    log(
+        "data",
+        train=len(train),
+        dev=len(dev),
+        feature_seconds=round(time.perf_counter() - t0, 1),
+        train_hours=round(sum(f.shape[0] for f in feats) / 360000, 2),
+        config=CONFIG,
+        args={k: str(v) for k, v in vars(args).items()},
+    )
 
     model = ConformerCTC(**CONFIG, split_attention=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -86,11 +91,13 @@ def main() -> None:
     test_wer = wer(refs, hyps, seed=args.seed)
     unseen = [i for i, u in enumerate(test) if u.voice in corpus.manifest["voices"]["test_only"]]
     unseen_wer = wer([refs[i] for i in unseen], [hyps[i] for i in unseen], seed=args.seed)
-    summary = {**run.summary("examples/train_conformer_ctc.py", corpus.manifest["fingerprint"]),
-               "test_wer": test_wer.as_dict(), "test_wer_unseen_voices": unseen_wer.as_dict()}
+    summary = {
+        **run.summary("examples/train_conformer_ctc.py", corpus.manifest["fingerprint"]),
+        "test_wer": test_wer.as_dict(),
+        "test_wer_unseen_voices": unseen_wer.as_dict(),
+    }
     log("test", wer=test_wer.as_dict(), unseen_voices=unseen_wer.as_dict())
-    save_checkpoint(args.out, "conformer-ctc", model, CONFIG, CONFIG["n_mels"], None, norm, list(CTC_ALPHABET),
-                    summary)
+    save_checkpoint(args.out, "conformer-ctc", model, CONFIG, CONFIG["n_mels"], None, norm, list(CTC_ALPHABET), summary)
     for h, r in list(zip(hyps, refs))[:5]:
         log("sample", ref=r, hyp=h)
     log("wrote", checkpoint=str(args.out))

@@ -21,9 +21,9 @@ import torch
 from torch.fx import GraphModule
 
 from esc_ao import QuantConfig, SearchConfig
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.accuracy import quantize_task
 from esc_ao.bench.tasks import Task, build_task
-from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 # (name, method, symmetric activation grids, CMA-ES generations)
 VARIANTS = (
@@ -36,18 +36,30 @@ VARIANTS = (
 )
 
 
-def run_variant(task: Task, exported: dict[str, GraphModule], method: str, symmetric: bool, budget: int,
-                seed: int) -> dict[str, Any]:
+def run_variant(
+    task: Task, exported: dict[str, GraphModule], method: str, symmetric: bool, budget: int, seed: int
+) -> dict[str, Any]:
     """One W4A4 variant, quantized as the benchmark's cells are (esc_ao.bench.accuracy)."""
     t0 = time.perf_counter()
     config = QuantConfig(weight_bits=4, act_bits=4, method=method, act_symmetric=symmetric)
     q = quantize_task(task, config, SearchConfig(budget=budget, popsize=8, seed=seed, progress=False), exported)
     with torch.no_grad():
         est = task.evaluate(q.forwards)
-    search = [{k: e[k] for k in ("part", "objective_start", "objective_final", "holdout_start", "holdout_final",
-                                 "evaluations")} for e in q.esc] or None
-    return {"value": est.value, "ci95_low": est.low, "ci95_high": est.high, "n": est.n, "search": search,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    search = [
+        {
+            k: e[k]
+            for k in ("part", "objective_start", "objective_final", "holdout_start", "holdout_final", "evaluations")
+        }
+        for e in q.esc
+    ] or None
+    return {
+        "value": est.value,
+        "ci95_low": est.low,
+        "ci95_high": est.high,
+        "n": est.n,
+        "search": search,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -62,8 +74,13 @@ def main() -> None:
     exported: dict[str, GraphModule] = {}
     rows = []
     for name, method, symmetric, budget in VARIANTS:
-        row = {"variant": name, "method": method, "act_symmetric": symmetric, "budget": budget,
-               **run_variant(task, exported, method, symmetric, budget, args.seed)}
+        row = {
+            "variant": name,
+            "method": method,
+            "act_symmetric": symmetric,
+            "budget": budget,
+            **run_variant(task, exported, method, symmetric, budget, args.seed),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
         write_results(args.out / f"w4a4_diagnosis_{args.model}", args.model, task.metric, args.threads, rows)
@@ -72,15 +89,21 @@ def main() -> None:
 def write_results(stem: Path, model: str, metric: str, threads: int, rows: list[dict[str, Any]]) -> None:
     """JSON and Markdown of the variants so far (rewritten after each: a stopped run keeps them)."""
     write_json_atomic(stem.with_suffix(".json"), {"model": model, "metric": metric, "rows": rows})
-    lines = [f"# W4A4 variants: {model} ({metric}, %)", "",
-             f"Command: `python examples/w4a4_diagnosis.py --model {model} --threads {threads}`. "
-             "Weights 4-bit per channel, activations 4-bit per tensor, full integer (as the table).", "",
-             f"| variant | {metric} % [95 % CI] | ESC objective start -> final (held out) | seconds |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# W4A4 variants: {model} ({metric}, %)",
+        "",
+        f"Command: `python examples/w4a4_diagnosis.py --model {model} --threads {threads}`. "
+        "Weights 4-bit per channel, activations 4-bit per tensor, full integer (as the table).",
+        "",
+        f"| variant | {metric} % [95 % CI] | ESC objective start -> final (held out) | seconds |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         objective = "; ".join(_objective(s) for s in r["search"] or []) or "-"
-        lines.append(f"| {r['variant']} | {100 * r['value']:.2f} [{100 * r['ci95_low']:.2f}, "
-                     f"{100 * r['ci95_high']:.2f}] | {objective} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['variant']} | {100 * r['value']:.2f} [{100 * r['ci95_low']:.2f}, "
+            f"{100 * r['ci95_high']:.2f}] | {objective} | {r['seconds']:.0f} |"
+        )
     write_text_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 

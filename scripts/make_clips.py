@@ -35,8 +35,14 @@ SENTENCES = [
     "Switch off the lights in the hallway when you leave the house.",
 ]
 # (engine, voice): held-out clips use voices that calibration never hears.
-VOICES = [("flite", "kal16"), ("flite", "awb"), ("flite", "slt"), ("espeak-ng", "en-us"),
-          ("flite", "rms"), ("espeak-ng", "en-gb")]
+VOICES = [
+    ("flite", "kal16"),
+    ("flite", "awb"),
+    ("flite", "slt"),
+    ("espeak-ng", "en-us"),
+    ("flite", "rms"),
+    ("espeak-ng", "en-gb"),
+]
 
 
 def synthesize(engine: str, voice: str, text: str, dst: Path) -> None:
@@ -56,10 +62,19 @@ def main() -> None:
         engine, voice = VOICES[i % 4] if i < 12 else VOICES[4 + i % 2]
         name = f"clip{i:02d}_{engine}_{voice}.wav"
         synthesize(engine, voice, text, OUT / name)
-        entries.append({"file": name, "text": text, "engine": engine, "voice": voice,
-                        "split": "calibration" if i < 12 else "heldout", "sample_rate": 16000})
-    (OUT / "manifest.json").write_text(json.dumps({"licence": "public domain (written for esc-ao)",
-                                                   "clips": entries}, indent=1) + "\n")
+        entries.append(
+            {
+                "file": name,
+                "text": text,
+                "engine": engine,
+                "voice": voice,
+                "split": "calibration" if i < 12 else "heldout",
+                "sample_rate": 16000,
+            }
+        )
+    (OUT / "manifest.json").write_text(
+        json.dumps({"licence": "public domain (written for esc-ao)", "clips": entries}, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,11 @@ def main() -> None:
     for name, spec in CORPORA.items():
         rendered = render_items(spec, sample_ids(name))
         engines = sorted({v.engine for v in spec.train_voices + spec.test_only_voices})
-        out[name] = {"plan_digest": plan_digest(spec, SPLITS), "engines": {e: engine_version(e) for e in engines},
-                     "items": {i: hashlib.sha256(wav).hexdigest() for i, wav in rendered.items()}}
+        out[name] = {
+            "plan_digest": plan_digest(spec, SPLITS),
+            "engines": {e: engine_version(e) for e in engines},
+            "items": {i: hashlib.sha256(wav).hexdigest() for i, wav in rendered.items()},
+        }
         audio.update({f"{name}/{i}": pcm(wav) for i, wav in rendered.items()})
     write_text_atomic(DATA / "benchmark_corpus_sample.json", json.dumps(out, indent=1, sort_keys=True) + "\n")
     with atomic_path(DATA / "benchmark_corpus_sample.npz", suffix=".npz") as tmp:

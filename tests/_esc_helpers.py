@@ -14,11 +14,13 @@ from esc_ao.speech import ExportableConformer
 
 def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple]]:
     torch.manual_seed(0)
-    model = ExportableConformer(torchaudio.models.Conformer(
-        input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)).eval()
+    model = ExportableConformer(
+        torchaudio.models.Conformer(input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)
+    ).eval()
     batches = [(torch.randn(2, 40, 32), torch.tensor([40, 40])) for _ in range(3)]
-    prepared = prepare(export_model(model, batches[0]),
-                       EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method)))
+    prepared = prepare(
+        export_model(model, batches[0]), EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method))
+    )
     observe(prepared, batches)
     return model, prepared, batches
 

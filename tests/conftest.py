@@ -10,6 +10,7 @@ import torch
 # Two cores: keep torch from oversubscribing when pytest runs alongside other work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
 @pytest.fixture
 def seeded() -> None:
     torch.manual_seed(0)

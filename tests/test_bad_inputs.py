@@ -67,7 +67,10 @@ CLI_CASES: list[tuple[str, str]] = [
     ("quantize --checkpoint {f:garbage.ckpt}", r"checkpoint .*garbage\.ckpt is not an esc-ao checkpoint"),
     ("quantize --method mse --checkpoint {out}/s.ckpt", r"--checkpoint is the ESC search's state; --method mse"),
     ("quantize --calib-data {f:nan.pt}", r"batch 0 input 0 has NaN or Inf values"),
-    ("quantize --calib-data {f:short.pt}", r"batch 0 input 0 has shape \(1, 80, 100\), the model takes \(1, 80, 3000\)"),
+    (
+        "quantize --calib-data {f:short.pt}",
+        r"batch 0 input 0 has shape \(1, 80, 100\), the model takes \(1, 80, 3000\)",
+    ),
     ("quantize --calib-data {f:empty.pt}", r"expected a non-empty list of input tuples, got list \(empty\)"),
     ("quantize --calib-data {f:garbage.pt}", r"garbage\.pt: not a torch\.save'd list of input tuples"),
     ("quantize --calib-data /no/such/calib.pt", r"--calib-data /no/such/calib\.pt: no such file"),
@@ -76,11 +79,15 @@ CLI_CASES: list[tuple[str, str]] = [
     ("quantize --program {f:garbage.pt2} --calib-data {f:calib.pt}", r"not a torch\.export program \(\.pt2\)"),
     ("quantize --program {f:mlp.pt2}", r"mlp\.pt2 needs --calib-data"),
     ("quantize --program {f:mlp.pt2} --calib-data {f:pair.pt}", r"batch 0 has 2 input\(s\), the model takes 1"),
-    ("quantize --program {f:mlp.pt2} --calib-data {f:short.pt}", r"batch 0 input 0 has shape \(1, 80, 100\), the model "
-                                                                  r"takes \(3, 16\)"),
+    (
+        "quantize --program {f:mlp.pt2} --calib-data {f:short.pt}",
+        r"batch 0 input 0 has shape \(1, 80, 100\), the model " r"takes \(3, 16\)",
+    ),
     ("quantize --program {f:mlp.pt2} --calib-data {f:calib.pt} --calib-clips 2", r"with --program give --calib-data"),
-    ("quantize --program {f:mlp.pt2} --calib-data {f:calib.pt} --method max --keep-float 00",
-     r"module name '00' \(set_module_name, --keep-float\) matches nothing .*closest: 0"),
+    (
+        "quantize --program {f:mlp.pt2} --calib-data {f:calib.pt} --method max --keep-float 00",
+        r"module name '00' \(set_module_name, --keep-float\) matches nothing .*closest: 0",
+    ),
     ("bench speed --models nosuchmodel", r"unknown model 'nosuchmodel'"),
     ("bench accuracy --models nosuchmodel", r"unknown model 'nosuchmodel'"),
     ("bench accuracy --methods mse+foo --models ast", r"unknown recipe flag\(s\) foo"),
@@ -96,8 +103,9 @@ def _files_under(root: Path) -> set[Path]:
 @pytest.mark.parametrize("args, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_command_line(args: str, message: str, files: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    argv = [re.sub(r"\{f:([^}]+)\}", lambda m: str(files[m.group(1)]), a).replace("{out}", str(out))
-            for a in args.split()]
+    argv = [
+        re.sub(r"\{f:([^}]+)\}", lambda m: str(files[m.group(1)]), a).replace("{out}", str(out)) for a in args.split()
+    ]
     if argv[0] == "quantize" and "--out" not in argv:
         argv += ["--out", str(out)]
     before = _files_under(tmp_path) | _files_under(files["mlp.pt2"].parent)
@@ -145,17 +153,37 @@ def _api_cases() -> list[tuple[str, Callable[[], object], type[Exception], str]]
         ("SearchConfig(log_bounds=(1, 2))", lambda: SearchConfig(log_bounds=(1.0, 2.0)), ValueError, r"bracket 0"),
         ("EscQuantizer(target='npu')", lambda: EscQuantizer(target="npu"), ValueError, r"target='npu' is not one of"),
         ("set_module_name('')", lambda: EscQuantizer().set_module_name("", None), ValueError, r"non-empty"),
-        ("set_module_name(no match)", lambda: prepared(_quantizer_with(set_module_name=("00", None))), ValueError,
-         r"module name '00' .* matches nothing .*closest: 0"),
-        ("set_module_type(no match)", lambda: prepared(_quantizer_with(set_module_type=("torch.nn.Conv1d", None))),
-         ValueError, r"module type 'torch.nn.Conv1d' .* matches nothing"),
-        ("set_node_name(no match)", lambda: prepared(_quantizer_with(set_node_name=("linear_9", None))),
-         ValueError, r"node name 'linear_9' .* matches nothing .*closest: linear"),
+        (
+            "set_module_name(no match)",
+            lambda: prepared(_quantizer_with(set_module_name=("00", None))),
+            ValueError,
+            r"module name '00' .* matches nothing .*closest: 0",
+        ),
+        (
+            "set_module_type(no match)",
+            lambda: prepared(_quantizer_with(set_module_type=("torch.nn.Conv1d", None))),
+            ValueError,
+            r"module type 'torch.nn.Conv1d' .* matches nothing",
+        ),
+        (
+            "set_node_name(no match)",
+            lambda: prepared(_quantizer_with(set_node_name=("linear_9", None))),
+            ValueError,
+            r"node name 'linear_9' .* matches nothing .*closest: linear",
+        ),
         ("observe([])", lambda: observe(prepared(), []), CalibrationDataError, r"no calibration batches"),
-        ("calibrate(converted)", lambda: calibrate(converted(), [x], config=SearchConfig(budget=1, progress=False)),
-         NoObserversError, r"no activation observers found"),
-        ("check_batches(NaN)", lambda: check_batches([(torch.tensor([1.0, float("inf")]),)]), CalibrationDataError,
-         r"batch 0 input 0 has NaN or Inf"),
+        (
+            "calibrate(converted)",
+            lambda: calibrate(converted(), [x], config=SearchConfig(budget=1, progress=False)),
+            NoObserversError,
+            r"no activation observers found",
+        ),
+        (
+            "check_batches(NaN)",
+            lambda: check_batches([(torch.tensor([1.0, float("inf")]),)]),
+            CalibrationDataError,
+            r"batch 0 input 0 has NaN or Inf",
+        ),
         ("check_batches(str)", lambda: check_batches([("text",)]), CalibrationDataError, r"batch 0 input 0 is a str"),
         ("Recipe(precision_budget=0)", lambda: Recipe(precision_budget=0.0), ValueError, r"must lie in \(0, 1\]"),
         ("split_method('mse+foo')", lambda: split_method("mse+foo"), ValueError, r"unknown recipe flag\(s\) foo"),

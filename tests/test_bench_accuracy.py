@@ -31,8 +31,15 @@ def _task(n_calibration: int, seed: int):
         pred = torch.cat([forward(xb).argmax(-1) for xb in torch.split(x, 8)])  # static batch of 8
         return accuracy((pred == y).tolist())
 
-    return single_part("ast", "accuracy", model, batches, lambda idx: CrossEntropy([labels[i] for i in idx]),
-                       evaluate, {"stand_in": True})
+    return single_part(
+        "ast",
+        "accuracy",
+        model,
+        batches,
+        lambda idx: CrossEntropy([labels[i] for i in idx]),
+        evaluate,
+        {"stand_in": True},
+    )
 
 
 @pytest.fixture
@@ -52,16 +59,38 @@ def stand_in(monkeypatch):
 
 def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -> None:
     settings = acc.AccuracySettings(n_calibration=32, budget=2, popsize=4)
-    rows = acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells",
-                                  settings)
+    rows = acc.run_accuracy_bench(
+        ["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings
+    )
     assert len(stand_in) == 1 and {r["eval_set"] for r in rows} == {"tts"}
-    assert [(r["method"], r["bits"]) for r in rows] == [("float", "fp32"), ("max", "w8a8"), ("esc", "w8a8"),
-                                                        ("max", "w4a4"), ("esc", "w4a4")]
+    assert [(r["method"], r["bits"]) for r in rows] == [
+        ("float", "fp32"),
+        ("max", "w8a8"),
+        ("esc", "w8a8"),
+        ("max", "w4a4"),
+        ("esc", "w4a4"),
+    ]
     fl = rows[0]
-    assert fl["value"] == 1.0 and fl["size_bytes"] == 4 * sum(p.numel() for p in _task(32, 0).parts[0].model.parameters())
+    assert fl["value"] == 1.0 and fl["size_bytes"] == 4 * sum(
+        p.numel() for p in _task(32, 0).parts[0].model.parameters()
+    )
     for r in rows:
-        for key in ("model", "method", "bits", "metric", "value", "size_bytes", "ci95_low", "ci95_high",
-                    "calibration_seconds", "version", "key", "eval_set", "seed", "machine"):
+        for key in (
+            "model",
+            "method",
+            "bits",
+            "metric",
+            "value",
+            "size_bytes",
+            "ci95_low",
+            "ci95_high",
+            "calibration_seconds",
+            "version",
+            "key",
+            "eval_set",
+            "seed",
+            "machine",
+        ):
             assert key in r, key
         assert r["ci95_low"] <= r["value"] <= r["ci95_high"]
     w8 = next(r for r in rows if r["bits"] == "w8a8" and r["method"] == "max")
@@ -70,11 +99,14 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     esc = next(r for r in rows if r["method"] == "esc" and r["bits"] == "w4a4")
     assert esc["esc"][0]["objective_final"] <= esc["esc"][0]["objective_start"]
     doc = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {kind: cells.code_version("ast", kind)
-                                                                  for kind in cells.KEY_KINDS}
+    assert len(doc["rows"]) == 5 and doc["versions"]["ast/tts"] == {
+        kind: cells.code_version("ast", kind) for kind in cells.KEY_KINDS
+    }
     assert rows[0]["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1}
     md = (tmp_path / "out" / "accuracy.md").read_text()
-    assert "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    assert (
+        "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    )
     # A second run finds every cell and builds nothing; a new method fills only its cells.
     acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings)
     assert len(stand_in) == 1
@@ -100,8 +132,9 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
 def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monkeypatch) -> None:
     settings = acc.AccuracySettings(n_calibration=16)
     acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", settings)
-    acc.run_accuracy_bench(["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c",
-                           acc.AccuracySettings(n_calibration=16, seed=1))
+    acc.run_accuracy_bench(
+        ["ast"], ["max"], ["w8a8"], tmp_path / "o", tmp_path / "c", acc.AccuracySettings(n_calibration=16, seed=1)
+    )
     assert len(stand_in) == 2
     new = cells.CellKey({}, {}, "w", "new data").digest
     monkeypatch.setattr(cells, "cell_key", lambda model, method, eval_set: cells.CellKey({}, {}, "w", "new data"))
@@ -118,7 +151,9 @@ def test_cells_are_keyed_by_seed_and_code_version(stand_in, tmp_path: Path, monk
 
 def test_unknown_names_list_the_valid_ones(tmp_path: Path) -> None:
     settings = acc.AccuracySettings()
-    with pytest.raises(ValueError, match="unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast"):
+    with pytest.raises(
+        ValueError, match="unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast"
+    ):
         acc.run_accuracy_bench(["resnet"], ["max"], ["w8a8"], tmp_path, tmp_path, settings)
     with pytest.raises(ValueError, match="unknown method 'gptq': use one of max, percentile, entropy, mse, esc"):
         acc.run_accuracy_bench(["ast"], ["gptq"], ["w8a8"], tmp_path, tmp_path, settings)
@@ -173,7 +208,10 @@ def test_cli_names_bad_model_and_corpus(capsys, tmp_path: Path) -> None:
     from esc_ao.cli import main
 
     assert main(["bench", "accuracy", "--models", "resnet", "--cells", str(tmp_path)]) == 2
-    assert "unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast" in capsys.readouterr().err
+    assert (
+        "unknown model 'resnet': use one of whisper-tiny.en, whisper-base, conformer-ctc, ast"
+        in capsys.readouterr().err
+    )
     assert main(["corpus", "librispeech"]) == 2
     assert "use one of asr, kws, real-asr" in capsys.readouterr().err
 
@@ -182,18 +220,22 @@ def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:
     base = cells.AccuracySettings()
     bigger = cells.AccuracySettings(budget=base.budget * 4)
     assert cells.cell_path(tmp_path, "ast", "tts", "esc", "w4a4", base, "v") != cells.cell_path(
-        tmp_path, "ast", "tts", "esc", "w4a4", bigger, "v")
+        tmp_path, "ast", "tts", "esc", "w4a4", bigger, "v"
+    )
     # a baseline does not depend on ESC's search: its cell is shared
     assert cells.cell_path(tmp_path, "ast", "tts", "max", "w4a4", base, "v") == cells.cell_path(
-        tmp_path, "ast", "tts", "max", "w4a4", bigger, "v")
+        tmp_path, "ast", "tts", "max", "w4a4", bigger, "v"
+    )
 
 
 def test_key_kinds_carry_every_part_a_recipe_uses(stand_in) -> None:
-    assert [cells.key_kind(m) for m in ("float", "mse", "esc", "dynamic", "mse+r16+sq", "esc+gptq", "mse+xnn+rf",
-                                        "esc+xnn")] == ["max", "max", "esc", "dynamic", "max+recipe", "esc+recipe",
-                                                        "max+xnn", "esc+xnn"]
+    assert [
+        cells.key_kind(m) for m in ("float", "mse", "esc", "dynamic", "mse+r16+sq", "esc+gptq", "mse+xnn+rf", "esc+xnn")
+    ] == ["max", "max", "esc", "dynamic", "max+recipe", "esc+recipe", "max+xnn", "esc+xnn"]
     for method in ("mse+xnn+rf+sq", "esc+r16+mp10"):
-        assert cells.cell_key("ast", method, "tts").numerics == cells.cell_key("ast", cells.key_kind(method),
-                                                                               "tts").numerics
+        assert (
+            cells.cell_key("ast", method, "tts").numerics
+            == cells.cell_key("ast", cells.key_kind(method), "tts").numerics
+        )
     assert "xnnpack" in cells.cell_key("ast", "mse+xnn", "tts").numerics
     assert "xnnpack" not in cells.cell_key("ast", "mse+r16", "tts").numerics

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _esc_helpers import run_search, small_setup
+
 from esc_ao import SearchConfig, calibrate, convert, observe
 from esc_ao.calibrate import CheckpointError, NonFiniteObjectiveError
 from esc_ao.checkpoint import load_checkpoint
@@ -33,8 +33,11 @@ def test_search_never_ends_worse_than_its_start_and_writes_the_scales() -> None:
     assert [d.observer.scale for d in dims] == pytest.approx(result.final_scales, rel=1e-6)
     # convert_pt2e uses the searched scales.
     converted = convert(prepared)
-    q_scales = sorted(float(n.args[1]) for n in converted.graph.nodes
-                      if str(n.target) == "quantized_decomposed.quantize_per_tensor.default")
+    q_scales = sorted(
+        float(n.args[1])
+        for n in converted.graph.nodes
+        if str(n.target) == "quantized_decomposed.quantize_per_tensor.default"
+    )
     for s in result.final_scales:
         assert min(abs(s - q) for q in q_scales) <= 1e-6 * s
 
@@ -174,8 +177,13 @@ def test_holdout_keeps_the_start_when_the_result_is_worse_there() -> None:
     its own batches only: the searched scales are dropped, the start is written."""
     _, prepared, batches = small_setup()
     mse = OutputMSE()
-    result = calibrate(prepared, batches[:2], config=SearchConfig(budget=6, **FAST), holdout=batches[2:],
-                       holdout_objective=lambda outputs, refs: -mse(outputs, refs))
+    result = calibrate(
+        prepared,
+        batches[:2],
+        config=SearchConfig(budget=6, **FAST),
+        holdout=batches[2:],
+        holdout_objective=lambda outputs, refs: -mse(outputs, refs),
+    )
     assert not result.improved and result.final_scales == result.initial_scales
     assert result.final_objective == result.initial_objective
     assert result.holdout_final > result.holdout_start and "kept the start" in result.message
@@ -205,9 +213,16 @@ def test_variable_length_batches_are_searched() -> None:
     assert math.isfinite(result.final_objective) and result.final_objective <= result.initial_objective
 
 
-@pytest.mark.parametrize("kwargs,match", [({"popsize": 2}, "minimum of 4"), ({"budget": -1}, "budget"),
-                                          ({"sigma0": 0.0}, "sigma0"), ({"final": "median"}, "final"),
-                                          ({"log_bounds": (0.5, 1.0)}, "bracket 0")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"popsize": 2}, "minimum of 4"),
+        ({"budget": -1}, "budget"),
+        ({"sigma0": 0.0}, "sigma0"),
+        ({"final": "median"}, "final"),
+        ({"log_bounds": (0.5, 1.0)}, "bracket 0"),
+    ],
+)
 def test_bad_search_config(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         SearchConfig(**kwargs)

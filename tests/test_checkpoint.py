@@ -25,12 +25,18 @@ from esc_ao.checkpoint import (
 )
 
 _floats = st.floats(allow_nan=False, width=64)
-_leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62), _floats, st.text(max_size=8))
+_leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**62), 2**62), _floats, st.text(max_size=8))
 _ranges = st.builds(range, st.integers(-5, 5), st.integers(-5, 20), st.integers(1, 3))
-_values = st.recursive(st.one_of(_leaves, _ranges), lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.tuples(inner, inner),
-    st.dictionaries(st.text(max_size=4).filter(lambda k: not k.startswith("__")), inner, max_size=3),
-    st.dictionaries(st.integers(0, 9), inner, max_size=3)), max_leaves=12)
+_values = st.recursive(
+    st.one_of(_leaves, _ranges),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=4).filter(lambda k: not k.startswith("__")), inner, max_size=3),
+        st.dictionaries(st.integers(0, 9), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -40,7 +46,10 @@ def test_values_round_trip_exactly(value) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(data=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=30), dtype=st.sampled_from(["float64", "float32", "int64", "uint32"]))
+@given(
+    data=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=30),
+    dtype=st.sampled_from(["float64", "float32", "int64", "uint32"]),
+)
 def test_arrays_and_scalars_round_trip_bit_for_bit(data, dtype) -> None:
     arr = np.asarray(data).astype(dtype) if dtype.startswith("float") else np.arange(len(data), dtype=dtype)
     back = decode(json.loads(json.dumps(encode(arr))))
@@ -81,20 +90,28 @@ def test_a_restored_cma_es_continues_exactly(dims: int, popsize: int) -> None:
     assert all(a.tobytes() == b.tobytes() for a, b in zip(want, got))
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "not JSON, or truncated"),
-    (b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"hist', "not JSON, or truncated"),
-    (b"\x80\x04\x95garbage\xff\xfe", "not JSON, or truncated"),
-    (pickle.dumps({"history": []}), "not JSON, or truncated"),  # an older (pickle) checkpoint
-    (b'{"history": []}', "not an esc-ao search checkpoint"),
-    (b'[1, 2, 3]', "not an esc-ao search checkpoint"),
-    (b'{"format": "esc-ao search checkpoint", "version": 99, "state": {}}', "format version 99"),
-    (b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"x": {"__reduce__": "os.system"}}}',
-     "unknown marker '__reduce__'"),
-    (b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"x": {"__array__": "|O", "shape": [1], '
-     b'"data": [1]}}}', "not numeric checkpoint data"),
-    (b'{"format": "esc-ao search checkpoint", "version": 1, "state": [1]}', "not a mapping"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "not JSON, or truncated"),
+        (b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"hist', "not JSON, or truncated"),
+        (b"\x80\x04\x95garbage\xff\xfe", "not JSON, or truncated"),
+        (pickle.dumps({"history": []}), "not JSON, or truncated"),  # an older (pickle) checkpoint
+        (b'{"history": []}', "not an esc-ao search checkpoint"),
+        (b"[1, 2, 3]", "not an esc-ao search checkpoint"),
+        (b'{"format": "esc-ao search checkpoint", "version": 99, "state": {}}', "format version 99"),
+        (
+            b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"x": {"__reduce__": "os.system"}}}',
+            "unknown marker '__reduce__'",
+        ),
+        (
+            b'{"format": "esc-ao search checkpoint", "version": 1, "state": {"x": {"__array__": "|O", "shape": [1], '
+            b'"data": [1]}}}',
+            "not numeric checkpoint data",
+        ),
+        (b'{"format": "esc-ao search checkpoint", "version": 1, "state": [1]}', "not a mapping"),
+    ],
+)
 def test_anything_else_is_refused_in_one_line_naming_the_file(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "search.ckpt"
     path.write_bytes(content)

@@ -57,18 +57,50 @@ def test_quantize_program_file(tmp_path: Path) -> None:
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "mlp.pt2"))
     torch.save([(torch.randn(3, 16),) for _ in range(9)], tmp_path / "calib.pt")
     out = tmp_path / "out"
-    assert main(["quantize", "--program", str(tmp_path / "mlp.pt2"), "--calib-data", str(tmp_path / "calib.pt"),
-                 "--method", "max", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--program",
+                str(tmp_path / "mlp.pt2"),
+                "--calib-data",
+                str(tmp_path / "calib.pt"),
+                "--method",
+                "max",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "mlp" and report["output_sqnr_db"] > 25.0
 
 
-
 def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None:
     out, ckpt = tmp_path / "out", tmp_path / "search.ckpt"
-    args = ["quantize", "--method", "esc", "--weight-bits", "4", "--act-bits", "4", "--budget", "1",
-            "--popsize", "4", "--calib-clips", "1", "--out", str(out), "--checkpoint", str(ckpt), "--no-pte",
-            "--target", "reference"]
+    args = [
+        "quantize",
+        "--method",
+        "esc",
+        "--weight-bits",
+        "4",
+        "--act-bits",
+        "4",
+        "--budget",
+        "1",
+        "--popsize",
+        "4",
+        "--calib-clips",
+        "1",
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--no-pte",
+        "--target",
+        "reference",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     esc = report["esc"]
@@ -86,8 +118,10 @@ def test_calibration_data_that_fits_the_default_model_is_used(tmp_path: Path) ->
     mels = [(whisper_mel(c.audio),) for c in bundled_clips("heldout")[:2]]
     torch.save(mels, tmp_path / "mels.pt")
     out = tmp_path / "out"
-    assert main(["quantize", "--calib-data", str(tmp_path / "mels.pt"), "--method", "mse", "--no-pte",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["quantize", "--calib-data", str(tmp_path / "mels.pt"), "--method", "mse", "--no-pte", "--out", str(out)])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["calibration_batches"] == 2
     assert report["notes"]["calibration_voices"] == [f"--calib-data {tmp_path / 'mels.pt'}"]

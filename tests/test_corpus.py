@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from esc_ao.corpus import CorpusSpec, MissingEngineError, Voice, load_corpus, verify
-from esc_ao.corpus import augment, texts
+from esc_ao.corpus import CorpusSpec, MissingEngineError, Voice, augment, load_corpus, texts, verify
 from esc_ao.corpus.voices import check_engine
 
 TRAIN = (Voice("flite", "kal16"), Voice("festival", "kal_diphone"), Voice("espeak-ng", "en-us"), Voice("piper", "joe"))
@@ -21,8 +21,11 @@ TEST_ONLY = (Voice("flite", "rms"), Voice("espeak-ng", "en-gb-scotland+m4"))
 
 
 def _asr_spec(**kw) -> CorpusSpec:
-    sizes = {"train": {"sentences": 4, "digits": 2, "commands": 2}, "calibration": {"sentences": 2, "digits": 1,
-             "commands": 1}, "test": {"sentences": 4, "digits": 2, "commands": 2}}
+    sizes = {
+        "train": {"sentences": 4, "digits": 2, "commands": 2},
+        "calibration": {"sentences": 2, "digits": 1, "commands": 1},
+        "test": {"sentences": 4, "digits": 2, "commands": 2},
+    }
     return CorpusSpec(kw.pop("name", "tiny-asr"), "asr", sizes, train_voices=TRAIN, test_only_voices=TEST_ONLY, **kw)
 
 
@@ -101,15 +104,23 @@ def test_unknown_corpus_and_overlapping_voices_are_rejected() -> None:
     with pytest.raises(ValueError, match="use one of asr, kws"):
         load_corpus("librispeech")
     with pytest.raises(ValueError, match="both train and test-only"):
-        CorpusSpec("x", "asr", {"train": {}, "calibration": {}, "test": {}}, train_voices=TRAIN,
-                   test_only_voices=(TRAIN[0],))
+        CorpusSpec(
+            "x", "asr", {"train": {}, "calibration": {}, "test": {}}, train_voices=TRAIN, test_only_voices=(TRAIN[0],)
+        )
 
 
 def test_kws_clips_are_one_second_with_all_classes(tmp_path: Path) -> None:
-    spec = CorpusSpec("tiny-kws", "kws", {"train": {"keywords": 1, "unknown": 2, "silence": 2},
-                                          "calibration": {"keywords": 0, "unknown": 1, "silence": 1},
-                                          "test": {"keywords": 1, "unknown": 1, "silence": 1}},
-                      train_voices=TRAIN[:1] + TRAIN[2:3], test_only_voices=TEST_ONLY)
+    spec = CorpusSpec(
+        "tiny-kws",
+        "kws",
+        {
+            "train": {"keywords": 1, "unknown": 2, "silence": 2},
+            "calibration": {"keywords": 0, "unknown": 1, "silence": 1},
+            "test": {"keywords": 1, "unknown": 1, "silence": 1},
+        },
+        train_voices=TRAIN[:1] + TRAIN[2:3],
+        test_only_voices=TEST_ONLY,
+    )
     corpus = load_corpus(spec, root=tmp_path, workers=2)
     train = corpus.utterances("train")
     assert {u.label for u in train} == set(texts.KEYWORDS) | {"unknown", "silence"}
@@ -134,7 +145,7 @@ def test_snr_of_added_noise_is_as_asked() -> None:
     rng = np.random.default_rng(0)
     speech = (0.1 * np.sin(np.arange(16000) * 0.1)).astype(np.float32)
     noisy = augment.apply(speech, augment.Augmentation(snr_db=10.0, noise="pink"), rng)
-    snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
+    snr = 10 * np.log10(np.mean(speech**2) / np.mean((noisy - speech) ** 2))
     assert snr == pytest.approx(10.0, abs=0.2)
 
 
@@ -177,7 +188,8 @@ def test_benchmark_corpora_reproduce() -> None:
         spec = CORPORA[name]
         assert plan_digest(spec, ("calibration", "test")) == recorded["plan_digest"], (
             f"{name}: the plan or the engines changed, so no committed cell matches "
-            f"(engines here: { {e: engine_version(e) for e in recorded['engines']} }, recorded: {recorded['engines']})")
+            f"(engines here: { {e: engine_version(e) for e in recorded['engines']} }, recorded: {recorded['engines']})"
+        )
         assert len(recorded["items"]) >= 20
         got = render_items(spec, list(recorded["items"]))
         bad = {}
@@ -189,10 +201,12 @@ def test_benchmark_corpora_reproduce() -> None:
                 bad[item] = f"{len(pcm)} samples, committed {len(ref)}"
             elif (snr := _snr_db(ref, pcm)) < REPRODUCTION_SNR_DB:
                 bad[item] = f"{snr:.1f} dB"
-        assert not bad, (f"{name}: {len(bad)} of {len(got)} clips render beyond float noise here "
-                         f"(< {REPRODUCTION_SNR_DB} dB or another length): {dict(list(bad.items())[:8])}; "
-                         "if the generator changed on purpose, bump esc_ao.corpus.builder.AUDIO_VERSION and rerun "
-                         "scripts/sample_corpus_hashes.py")
+        assert not bad, (
+            f"{name}: {len(bad)} of {len(got)} clips render beyond float noise here "
+            f"(< {REPRODUCTION_SNR_DB} dB or another length): {dict(list(bad.items())[:8])}; "
+            "if the generator changed on purpose, bump esc_ao.corpus.builder.AUDIO_VERSION and rerun "
+            "scripts/sample_corpus_hashes.py"
+        )
 
 
 def test_plan_digest_follows_the_plan_not_the_bytes(monkeypatch) -> None:

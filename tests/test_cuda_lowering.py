@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _lower_helpers import quantized, tiny_ctc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esc_ao.lower.cuda import compile_for_cuda, int8_linear, lower_int8_linears
 from esc_ao.lower.executorch import tensor_sqnr_db
-from _lower_helpers import quantized, tiny_ctc
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(17, 40), k=st.sampled_from([8, 16, 48]), n=st.sampled_from([8, 24]),
-       zp=st.integers(-128, 127), bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(17, 40),
+    k=st.sampled_from([8, 16, 48]),
+    n=st.sampled_from([8, 24]),
+    zp=st.integers(-128, 127),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_int8_linear_equals_the_dequantized_linear(m: int, k: int, n: int, zp: int, bias: bool, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x_q = torch.randint(-128, 128, (2, m, k), dtype=torch.int8, generator=g)
@@ -51,8 +57,11 @@ def test_shapes_int_mm_cannot_take_are_left_with_the_reason() -> None:
     assert all("M > 16" in why for why in report.skipped.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the compiled "
-                    "int8 GEMM path needs one (numerics are tested on CPU above)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device on this machine: the compiled "
+    "int8 GEMM path needs one (numerics are tested on CPU above)",
+)
 def test_compiled_cuda_graph_matches_the_reference() -> None:
     model, inputs = tiny_ctc()
     converted = quantized(model, inputs)

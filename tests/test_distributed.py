@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _esc_helpers import run_search
 
 HELPER = Path(__file__).with_name("_esc_helpers.py")
@@ -30,8 +29,23 @@ def _free_port() -> int:
 
 def test_two_ranks_give_the_one_process_result(tmp_path: Path) -> None:
     out = tmp_path / "scales.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(HELPER), "-", "4", str(out)], env=_env(), check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(HELPER),
+            "-",
+            "4",
+            str(out),
+        ],
+        env=_env(),
+        check=True,
+        timeout=600,
+    )
     two = torch.load(out)
     one = run_search(None, 4)
     # Same seed and data; only the order of the float sums differs between 1 and 2 ranks.
@@ -42,8 +56,7 @@ def test_a_dying_rank_makes_the_other_fail_within_bounded_time(tmp_path: Path) -
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         args = [sys.executable, str(HELPER), "-", "6", str(tmp_path / "scales.pt")]
         if rank == 1:
             args.append("5")  # rank 1 dies after 5 evaluations, mid-search

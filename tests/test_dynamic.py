@@ -37,10 +37,12 @@ def _symmetric(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
     return ((torch.round(blocks * (1.0 / scale))).clamp(-q, q - 1) * scale).reshape(w.shape)
 
 
-@pytest.mark.parametrize(("bits", "in_features", "weight_bits", "group"),
-                         [("w8a8", 64, 8, None), ("w4a8", 64, 4, 32), ("w4a8", 48, 4, None)])
-def test_linear_is_per_token_int8_activations_times_quantized_weights(bits: str, in_features: int,
-                                                                       weight_bits: int, group: int | None) -> None:
+@pytest.mark.parametrize(
+    ("bits", "in_features", "weight_bits", "group"), [("w8a8", 64, 8, None), ("w4a8", 64, 4, 32), ("w4a8", 48, 4, None)]
+)
+def test_linear_is_per_token_int8_activations_times_quantized_weights(
+    bits: str, in_features: int, weight_bits: int, group: int | None
+) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 24)
     x = torch.randn(3, 5, in_features) * 2 + 0.5  # off-centre: the zero points are not 0
@@ -97,15 +99,19 @@ def test_dynamic_forwards_quantize_a_copy_and_only_its_linears() -> None:
 def test_w4a4_does_not_exist() -> None:
     task = _task(8, 0)
     for bits in ("w4a4", "w8a4"):
-        with pytest.raises(ValueError, match=f"dynamic quantization at '{bits}' does not exist: activations are "
-                                             "dynamic int8, use one of w8a8, w4a8"):
+        with pytest.raises(
+            ValueError,
+            match=f"dynamic quantization at '{bits}' does not exist: activations are "
+            "dynamic int8, use one of w8a8, w4a8",
+        ):
             dynamic_forwards(task, bits)
 
 
 def test_bench_writes_dynamic_cells_for_8_bit_activations_only(stand_in, tmp_path: Path) -> None:  # noqa: F811
     settings = acc.AccuracySettings(n_calibration=16)
-    rows = acc.run_accuracy_bench(["ast"], [DYNAMIC_METHOD], ["w8a8", "w4a8", "w4a4"], tmp_path / "out",
-                                  tmp_path / "cells", settings)
+    rows = acc.run_accuracy_bench(
+        ["ast"], [DYNAMIC_METHOD], ["w8a8", "w4a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings
+    )
     assert [(r["method"], r["bits"]) for r in rows] == [("float", "fp32"), ("dynamic", "w8a8"), ("dynamic", "w4a8")]
     assert len(list((tmp_path / "cells" / "ast" / "tts").glob("dynamic-*.json"))) == 2
     fl, w8, w4 = rows
@@ -117,7 +123,12 @@ def test_bench_writes_dynamic_cells_for_8_bit_activations_only(stand_in, tmp_pat
     versions = json.loads((tmp_path / "out" / "accuracy.json").read_text())["versions"]
     assert versions["ast/tts"]["dynamic"] == w8["version"]
     # with the static methods, dynamic comes last in its bits group
-    rows = acc.run_accuracy_bench(["ast"], ["max", DYNAMIC_METHOD], ["w8a8"], tmp_path / "out", tmp_path / "cells",
-                                  settings)
-    assert [(r["method"], r["bits"]) for r in rows] == [("float", "fp32"), ("max", "w8a8"), ("dynamic", "w8a8"),
-                                                        ("dynamic", "w4a8")]
+    rows = acc.run_accuracy_bench(
+        ["ast"], ["max", DYNAMIC_METHOD], ["w8a8"], tmp_path / "out", tmp_path / "cells", settings
+    )
+    assert [(r["method"], r["bits"]) for r in rows] == [
+        ("float", "fp32"),
+        ("max", "w8a8"),
+        ("dynamic", "w8a8"),
+        ("dynamic", "w4a8"),
+    ]

@@ -170,15 +170,23 @@ SEARCH_DEVIATION = (
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("gaussian", marks=pytest.mark.xfail(
-            strict=True, reason=SEARCH_DEVIATION + ": 4.145 vs 4.268 (-53 bins)")),
-        pytest.param("laplace", marks=pytest.mark.xfail(
-            strict=True, reason=SEARCH_DEVIATION + ": 10.209 vs 10.038 (+26 bins)")),
-        pytest.param("gaussian_outliers", marks=pytest.mark.xfail(
-            strict=True, reason=SEARCH_DEVIATION + ": 8.596 vs 7.615 (+17 bins)")),
-        pytest.param("uniform", marks=pytest.mark.xfail(
-            strict=True, reason=SEARCH_DEVIATION + ": the grid stops at bin 2046 of 2048, "
-            "0.99902 vs 1.0 (-2 bins)")),
+        pytest.param(
+            "gaussian", marks=pytest.mark.xfail(strict=True, reason=SEARCH_DEVIATION + ": 4.145 vs 4.268 (-53 bins)")
+        ),
+        pytest.param(
+            "laplace", marks=pytest.mark.xfail(strict=True, reason=SEARCH_DEVIATION + ": 10.209 vs 10.038 (+26 bins)")
+        ),
+        pytest.param(
+            "gaussian_outliers",
+            marks=pytest.mark.xfail(strict=True, reason=SEARCH_DEVIATION + ": 8.596 vs 7.615 (+17 bins)"),
+        ),
+        pytest.param(
+            "uniform",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=SEARCH_DEVIATION + ": the grid stops at bin 2046 of 2048, " "0.99902 vs 1.0 (-2 bins)",
+            ),
+        ),
     ],
 )
 def test_search_on_reference_histogram_matches_reference(name: str) -> None:
@@ -199,10 +207,13 @@ BINNING_DEVIATION = (
     "name",
     [
         "gaussian",
-        pytest.param("laplace", marks=pytest.mark.xfail(
-            strict=True, reason=BINNING_DEVIATION + " (1728 bins): 11.469 vs 10.038")),
-        pytest.param("gaussian_outliers", marks=pytest.mark.xfail(
-            strict=True, reason=BINNING_DEVIATION + " (1891 bins): 14.188 vs 7.615")),
+        pytest.param(
+            "laplace", marks=pytest.mark.xfail(strict=True, reason=BINNING_DEVIATION + " (1728 bins): 11.469 vs 10.038")
+        ),
+        pytest.param(
+            "gaussian_outliers",
+            marks=pytest.mark.xfail(strict=True, reason=BINNING_DEVIATION + " (1891 bins): 14.188 vs 7.615"),
+        ),
         "uniform",
     ],
 )
@@ -221,14 +232,21 @@ END_TO_END_DEVIATION = "binning and candidate stride together"
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("gaussian", marks=pytest.mark.xfail(
-            strict=True, reason=END_TO_END_DEVIATION + ": 4.141 vs 4.268 (-55 bins, -3 %)")),
-        pytest.param("laplace", marks=pytest.mark.xfail(
-            strict=True, reason=END_TO_END_DEVIATION + ": 10.750 vs 10.038 (+108 bins, +7 %)")),
-        pytest.param("gaussian_outliers", marks=pytest.mark.xfail(
-            strict=True, reason=END_TO_END_DEVIATION + ": 23.000 vs 7.615 (+267 bins, 3x)")),
-        pytest.param("uniform", marks=pytest.mark.xfail(
-            strict=True, reason=END_TO_END_DEVIATION + ": 0.99902 vs 1.0 (-2 bins)")),
+        pytest.param(
+            "gaussian",
+            marks=pytest.mark.xfail(strict=True, reason=END_TO_END_DEVIATION + ": 4.141 vs 4.268 (-55 bins, -3 %)"),
+        ),
+        pytest.param(
+            "laplace",
+            marks=pytest.mark.xfail(strict=True, reason=END_TO_END_DEVIATION + ": 10.750 vs 10.038 (+108 bins, +7 %)"),
+        ),
+        pytest.param(
+            "gaussian_outliers",
+            marks=pytest.mark.xfail(strict=True, reason=END_TO_END_DEVIATION + ": 23.000 vs 7.615 (+267 bins, 3x)"),
+        ),
+        pytest.param(
+            "uniform", marks=pytest.mark.xfail(strict=True, reason=END_TO_END_DEVIATION + ": 0.99902 vs 1.0 (-2 bins)")
+        ),
     ],
 )
 def test_entropy_observer_matches_reference(name: str) -> None:

@@ -24,8 +24,9 @@ def small_mlp() -> torch.nn.Module:
 
 
 def test_unexportable_conformer_points_to_the_helper() -> None:
-    model = torchaudio.models.Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=1,
-                                        depthwise_conv_kernel_size=3)
+    model = torchaudio.models.Conformer(
+        input_dim=16, num_heads=2, ffn_dim=32, num_layers=1, depthwise_conv_kernel_size=3
+    )
     with pytest.raises(ExportError, match="ExportableConformer") as err:
         export_model(model, (torch.randn(1, 10, 16), torch.tensor([10])))
     assert "Conformer" in str(err.value)

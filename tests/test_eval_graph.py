@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from _esc_helpers import small_setup
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esc_ao import convert
 from esc_ao.eval_graph import for_evaluation
-
-from _esc_helpers import small_setup
 
 _QD = torch.ops.quantized_decomposed
 

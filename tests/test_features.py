@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esc_ao.speech.conformer import ConformerCTC
 from esc_ao.speech.features import CTC_ALPHABET, FbankNorm, ctc_decode, ctc_encode, fbank

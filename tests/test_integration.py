@@ -22,14 +22,21 @@ from esc_ao.speech import ExportableConformer, ExportableWav2Vec2
 aten = torch.ops.aten
 QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
 DEQUANT = ("quantized_decomposed.dequantize_per_tensor.default", "quantized_decomposed.dequantize_per_channel.default")
-COMPUTE = {aten.linear.default: "linear", aten.conv1d.default: "conv", aten.conv2d.default: "conv",
-           aten.matmul.default: "matmul", aten.add.Tensor: "add", aten.layer_norm.default: "layer_norm"}
+COMPUTE = {
+    aten.linear.default: "linear",
+    aten.conv1d.default: "conv",
+    aten.conv2d.default: "conv",
+    aten.matmul.default: "matmul",
+    aten.add.Tensor: "add",
+    aten.layer_norm.default: "layer_norm",
+}
 
 
 def conformer() -> tuple[torch.nn.Module, list[tuple]]:
     torch.manual_seed(0)
-    model = torchaudio.models.Conformer(input_dim=64, num_heads=4, ffn_dim=128, num_layers=2,
-                                        depthwise_conv_kernel_size=15)
+    model = torchaudio.models.Conformer(
+        input_dim=64, num_heads=4, ffn_dim=128, num_layers=2, depthwise_conv_kernel_size=15
+    )
     batches = [(torch.randn(2, 100, 64), torch.tensor([100, 100])) for _ in range(3)]
     return ExportableConformer(model).eval(), batches
 
@@ -37,11 +44,23 @@ def conformer() -> tuple[torch.nn.Module, list[tuple]]:
 def wav2vec2() -> tuple[torch.nn.Module, list[tuple]]:
     torch.manual_seed(0)
     model = torchaudio.models.wav2vec2_model(
-        extractor_mode="group_norm", extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)],
-        extractor_conv_bias=False, encoder_embed_dim=64, encoder_projection_dropout=0.0,
-        encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4,
-        encoder_attention_dropout=0.0, encoder_ff_interm_features=128, encoder_ff_interm_dropout=0.0,
-        encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=32)
+        extractor_mode="group_norm",
+        extractor_conv_layer_config=[(32, 10, 5), (32, 3, 2), (32, 2, 2)],
+        extractor_conv_bias=False,
+        encoder_embed_dim=64,
+        encoder_projection_dropout=0.0,
+        encoder_pos_conv_kernel=16,
+        encoder_pos_conv_groups=4,
+        encoder_num_layers=2,
+        encoder_num_heads=4,
+        encoder_attention_dropout=0.0,
+        encoder_ff_interm_features=128,
+        encoder_ff_interm_dropout=0.0,
+        encoder_dropout=0.0,
+        encoder_layer_norm_first=False,
+        encoder_layer_drop=0.0,
+        aux_num_out=32,
+    )
     batches = [(torch.randn(2, 8000),) for _ in range(3)]
     return ExportableWav2Vec2(model).eval(), batches
 

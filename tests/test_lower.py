@@ -6,16 +6,15 @@ import math
 
 import pytest
 import torch
+from _lower_helpers import quantized, tiny_ctc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
+from esc_ao import EscQuantizer, QuantConfig, export_model, prepare
 from esc_ao.lower import LoweringError, run_pte, tensor_sqnr_db, to_executorch
 from esc_ao.lower.passes import decompose_layer_norm
 from esc_ao.speech import SplitHeadAttention
-
-from _lower_helpers import quantized, tiny_ctc
 
 aten = torch.ops.aten
 
@@ -153,7 +152,9 @@ def test_fast_partitioner_delegates_what_the_stock_one_does(tmp_path) -> None:
     converted = quantized(model, inputs)
     prepare_for_xnnpack(converted)
     exported = torch.export.export(converted, inputs)
-    covs = [op_coverage(to_edge_transform_and_lower(exported, partitioner=[p]).exported_program())
-            for p in (XnnpackPartitioner(), FastXnnpackPartitioner())]
+    covs = [
+        op_coverage(to_edge_transform_and_lower(exported, partitioner=[p]).exported_program())
+        for p in (XnnpackPartitioner(), FastXnnpackPartitioner())
+    ]
     stock, fast = (c.as_dict() for c in covs)
     assert fast == stock and fast["delegate_calls"] == 1

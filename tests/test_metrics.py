@@ -11,10 +11,10 @@ from esc_ao.metrics import accuracy, normalize_english, wer
 
 CASES = [
     (["the cat sat on the mat"], ["the cat sat on the mat"], 0.0),
-    (["the cat sat on the mat"], ["the cat sat on mat"], 1 / 6),               # one deletion
-    (["the cat sat"], ["a cat sat down"], 2 / 3),                              # substitution + insertion
+    (["the cat sat on the mat"], ["the cat sat on mat"], 1 / 6),  # one deletion
+    (["the cat sat"], ["a cat sat down"], 2 / 3),  # substitution + insertion
     (["turn the lights off", "play music"], ["turn lights of", "play the music"], 3 / 6),
-    (["one two three"], [""], 1.0),                                            # everything deleted
+    (["one two three"], [""], 1.0),  # everything deleted
 ]
 
 

@@ -40,11 +40,14 @@ def test_cross_entropy_and_accuracy() -> None:
     assert Accuracy([labels])([logits], [None]) == pytest.approx(1 - 2 / 3)
 
 
-@pytest.mark.parametrize("refs,hyps", [
-    (["the cat sat"], ["the cat sat"]),
-    (["the cat sat on the mat"], ["the cat sit on mat"]),
-    (["one two", "three four five"], ["one", "three for five six"]),
-])
+@pytest.mark.parametrize(
+    "refs,hyps",
+    [
+        (["the cat sat"], ["the cat sat"]),
+        (["the cat sat on the mat"], ["the cat sit on mat"]),
+        (["one two", "three four five"], ["one", "three for five six"]),
+    ],
+)
 def test_decoded_wer_matches_jiwer(refs, hyps) -> None:
     obj = DecodedWER(decode=lambda out: out, transcripts=[refs])
     assert obj([hyps], [None]) == pytest.approx(jiwer.wer(refs, hyps))

@@ -19,8 +19,8 @@ from esc_ao.observers import (
     MaxObserver,
     MSEObserver,
     NonFiniteActivationError,
-    PerChannelWeightObserver,
     PercentileObserver,
+    PerChannelWeightObserver,
     fake_quantize,
     qrange,
 )

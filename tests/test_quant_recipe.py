@@ -13,13 +13,22 @@ from esc_ao import QuantConfig, export_model
 from esc_ao.recipe import Recipe, split_method
 
 
-@given(xnn=st.booleans(), residual=st.sampled_from(["", "r16", "rf"]), sq=st.booleans(), gptq=st.booleans(),
-       base=st.sampled_from(["max", "mse", "esc"]))
+@given(
+    xnn=st.booleans(),
+    residual=st.sampled_from(["", "r16", "rf"]),
+    sq=st.booleans(),
+    gptq=st.booleans(),
+    base=st.sampled_from(["max", "mse", "esc"]),
+)
 def test_suffix_round_trips(xnn: bool, residual: str, sq: bool, gptq: bool, base: str) -> None:
     if xnn and residual == "r16":
         return  # refused: see below
-    flags = (["xnn"] if xnn else []) + ([residual] if residual else []) + (["sq"] if sq else []) + \
-        (["gptq"] if gptq else [])
+    flags = (
+        (["xnn"] if xnn else [])
+        + ([residual] if residual else [])
+        + (["sq"] if sq else [])
+        + (["gptq"] if gptq else [])
+    )
     method = base + "".join(f"+{f}" for f in flags)
     got_base, recipe = split_method(method)
     assert got_base == base and base + recipe.suffix == method
@@ -34,12 +43,15 @@ def test_plain_method_is_the_plain_recipe() -> None:
     assert Recipe().suffix == "" and "plain" in Recipe().describe()
 
 
-@pytest.mark.parametrize("method, message", [
-    ("mse+awq", r"unknown recipe flag\(s\) awq"),
-    ("mse+sq+sq", "each flag at most once"),
-    ("mse+r16+rf", "one residual flag"),
-    ("mse+xnn+r16", "XNNPACK has no 16-bit kernels"),
-])
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("mse+awq", r"unknown recipe flag\(s\) awq"),
+        ("mse+sq+sq", "each flag at most once"),
+        ("mse+r16+rf", "one residual flag"),
+        ("mse+xnn+r16", "XNNPACK has no 16-bit kernels"),
+    ],
+)
 def test_bad_suffixes_are_refused_with_the_fix(method: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_method(method)

@@ -89,8 +89,11 @@ def test_module_override_with_another_config_changes_the_grid() -> None:
     prepared = _prepared(quantizer)
     observe(prepared, [(torch.randn(2, 5, 16),)])
     converted = convert(prepared)
-    out_linear = next(n for n in converted.graph.nodes if n.target == aten.linear.default
-                      and "out" in str(n.meta.get("nn_module_stack", {})))
+    out_linear = next(
+        n
+        for n in converted.graph.nodes
+        if n.target == aten.linear.default and "out" in str(n.meta.get("nn_module_stack", {}))
+    )
     act_dq = out_linear.args[0]
     assert tuple(act_dq.args[3:5]) == (-8, 7)
     row = next(r for r in quantizer.records() if r.module == "out")
@@ -145,8 +148,11 @@ def test_xnnpack_graph_outputs_stay_float_and_their_linear_runs_dynamic_int8() -
     prepared = prepare(export_model(model, batch), quantizer)
     observe(prepared, [batch])
     converted = convert(prepared)
-    head = next(n for n in converted.graph.nodes if n.target == aten.linear.default
-                and "head" in str(n.meta.get("nn_module_stack", {})))
+    head = next(
+        n
+        for n in converted.graph.nodes
+        if n.target == aten.linear.default and "head" in str(n.meta.get("nn_module_stack", {}))
+    )
     # the input is quantized with parameters chosen at run time, the output is not quantized
     assert "tensor" in str(head.args[0].target) and "dequantize" in str(head.args[0].target)
     assert all("quantize" not in str(u.target) for u in head.users)

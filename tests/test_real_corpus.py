@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from esc_ao.corpus import MissingSourceError, cache_root, load_real_corpus, source_digest, verify
-from esc_ao.corpus import real
+from esc_ao.corpus import MissingSourceError, cache_root, load_real_corpus, real, source_digest, verify
 from esc_ao.corpus.texts import KEYWORDS
 
 
@@ -45,31 +45,41 @@ def plan(root: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------- normalisation
 
-@pytest.mark.parametrize("raw, want", [
-    ("Please press 1 to mute or unmute yourself.", "please press one to mute or unmute yourself"),
-    ("[this is a simple beep tone]", ""),
-    ("(10 seconds of silence)", ""),
-    ("<beep ascending>", ""),
-    ("IAX (note: does not say \"2\")", "iax"),
-    ("at [@]", "at"),
-    ("I'm sorry, that's not a valid extension.  Please try again.",
-     "i'm sorry that's not a valid extension please try again"),
-    ("...to leave the conference.", "to leave the conference"),
-    ("press * to toggle pause, press # to enter", "press star to toggle pause press pound to enter"),
-    ("a 28.8 kilobit modem, extension 1234",
-     "a twenty eight point eight kilobit modem extension one thousand two hundred thirty four"),
-    ("Call-Forward on No Answer", "call forward on no answer"),
-    ("'quoted' users' o'clock", "quoted users o'clock"),
-    ("Café DÉJÀ-vu", "cafe deja vu"),
-    ("007", "zero zero seven"),
-])
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("Please press 1 to mute or unmute yourself.", "please press one to mute or unmute yourself"),
+        ("[this is a simple beep tone]", ""),
+        ("(10 seconds of silence)", ""),
+        ("<beep ascending>", ""),
+        ('IAX (note: does not say "2")', "iax"),
+        ("at [@]", "at"),
+        (
+            "I'm sorry, that's not a valid extension.  Please try again.",
+            "i'm sorry that's not a valid extension please try again",
+        ),
+        ("...to leave the conference.", "to leave the conference"),
+        ("press * to toggle pause, press # to enter", "press star to toggle pause press pound to enter"),
+        (
+            "a 28.8 kilobit modem, extension 1234",
+            "a twenty eight point eight kilobit modem extension one thousand two hundred thirty four",
+        ),
+        ("Call-Forward on No Answer", "call forward on no answer"),
+        ("'quoted' users' o'clock", "quoted users o'clock"),
+        ("Café DÉJÀ-vu", "cafe deja vu"),
+        ("007", "zero zero seven"),
+    ],
+)
 def test_normalize_transcript_examples(raw: str, want: str) -> None:
     assert real.normalize_transcript(raw) == want
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
-       | st.text(alphabet="abcXYZ019'.,-*#&%()[]<>{} \t\n\u00e9\u0130", max_size=60))
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
+    | st.text(alphabet="abcXYZ019'.,-*#&%()[]<>{} \t\n\u00e9\u0130", max_size=60)
+)
 def test_normalize_transcript_is_idempotent_and_plain(raw: str) -> None:
     once = real.normalize_transcript(raw)
     assert real.normalize_transcript(once) == once
@@ -92,6 +102,7 @@ def test_parse_transcripts_reads_name_colon_text() -> None:
 
 
 # ------------------------------------------------------------------------------- the plan
+
 
 def test_full_plan_sizes_and_disjoint_splits(plan: list[dict]) -> None:
     by_split = {s: [e for e in plan if e["split"] == s] for s in ("calibration", "test")}
@@ -141,6 +152,7 @@ def test_non_speech_and_long_recordings_are_excluded(corpus) -> None:
 
 # ------------------------------------------------------------------------ the built corpus
 
+
 def test_manifest_records_sources_and_items(corpus, plan: list[dict]) -> None:
     m = corpus.manifest
     assert m["corpus"] == "real-asr" and m["sample_rate"] == 16000 and m["fingerprint"] == real.real_fingerprint()
@@ -150,8 +162,24 @@ def test_manifest_records_sources_and_items(corpus, plan: list[dict]) -> None:
         assert (s["version"], s["sha256"], s["file"], s["licence"]) == (p.version, p.sha256, p.filename, p.licence)
     assert [{k: v for k, v in e.items() if k != "sha256"} for e in m["items"]] == plan
     for e in m["items"]:
-        for key in ("id", "split", "set", "text", "label", "voice", "speaker", "package", "package_version",
-                    "licence", "original", "sample_rate", "samples", "duration_s", "sha256", "transcript"):
+        for key in (
+            "id",
+            "split",
+            "set",
+            "text",
+            "label",
+            "voice",
+            "speaker",
+            "package",
+            "package_version",
+            "licence",
+            "original",
+            "sample_rate",
+            "samples",
+            "duration_s",
+            "sha256",
+            "transcript",
+        ):
             assert key in e, key
     assert m["sizes"]["train"] == {}
     assert sum(sum(s.values()) for s in m["sizes"].values()) == len(m["items"])
@@ -197,8 +225,9 @@ def test_keyword_clips(corpus) -> None:
 
 
 def test_render_does_not_depend_on_thread_count(corpus) -> None:
-    rec = real._Recording(real.ASTERISK_WAV, "x.wav", "x", "x", "s",
-                          (np.sin(np.arange(8000) / 3.0) * 12000).astype("<i2"), 8000)
+    rec = real._Recording(
+        real.ASTERISK_WAV, "x.wav", "x", "x", "s", (np.sin(np.arange(8000) / 3.0) * 12000).astype("<i2"), 8000
+    )
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -232,6 +261,7 @@ def test_corrupt_or_partial_cache_is_rebuilt(corpus, root: Path, tmp_path: Path,
 
 # ---------------------------------------------------------------------------- fetch errors
 
+
 def test_download_with_other_bytes_is_deleted_and_raises(tmp_path: Path, monkeypatch) -> None:
     def fake(package: real.Package, into: Path) -> None:
         (into / package.filename).write_bytes(b"not the pinned package")
@@ -260,12 +290,16 @@ def test_pinned_hash_mismatch_names_the_package(root: Path, tmp_path: Path, monk
     assert not (tmp_path / real.MOONSHINE.filename).exists()
 
 
-@pytest.mark.parametrize("package, command", [
-    (real.ASTERISK_WAV, "apt-get download asterisk-core-sounds-en-wav=1.6.1-1"),
-    (real.MOONSHINE, "pip download --no-deps --only-binary=:all: --platform manylinux_2_34_x86_64"),
-])
-def test_missing_package_names_it_and_the_command(package: real.Package, command: str, root: Path,
-                                                  tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "package, command",
+    [
+        (real.ASTERISK_WAV, "apt-get download asterisk-core-sounds-en-wav=1.6.1-1"),
+        (real.MOONSHINE, "pip download --no-deps --only-binary=:all: --platform manylinux_2_34_x86_64"),
+    ],
+)
+def test_missing_package_names_it_and_the_command(
+    package: real.Package, command: str, root: Path, tmp_path: Path, monkeypatch
+) -> None:
     def offline(p: real.Package, into: Path) -> None:
         raise MissingSourceError(f"{p.name}: exited 100: E: Unable to locate package")
 

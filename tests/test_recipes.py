@@ -30,18 +30,43 @@ def _recipe(name: str):
 def _run(module, corpus, tmp_path: Path, monkeypatch, extra: list[str]) -> Path:
     monkeypatch.setattr(module, "load_corpus", lambda _name: corpus)
     out = tmp_path / "model.pt"
-    argv = ["recipe", "--max-epochs", "1", "--min-epochs", "1", "--threads", "1", "--work", str(tmp_path / "work"),
-            "--out", str(out), "--log", str(tmp_path / "train.log"), *extra]
+    argv = [
+        "recipe",
+        "--max-epochs",
+        "1",
+        "--min-epochs",
+        "1",
+        "--threads",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--log",
+        str(tmp_path / "train.log"),
+        *extra,
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     module.main()
     return out
 
 
 def test_ast_recipe(tmp_path: Path, monkeypatch) -> None:
-    corpus = load_corpus(CorpusSpec("recipe-kws", "kws", {
-        "train": {"keywords": 1, "unknown": 2, "silence": 2}, "calibration": {"keywords": 0, "unknown": 2, "silence": 2},
-        "test": {"keywords": 0, "unknown": 2, "silence": 2}}, train_voices=VOICES, test_only_voices=UNSEEN),
-        root=tmp_path, workers=2)
+    corpus = load_corpus(
+        CorpusSpec(
+            "recipe-kws",
+            "kws",
+            {
+                "train": {"keywords": 1, "unknown": 2, "silence": 2},
+                "calibration": {"keywords": 0, "unknown": 2, "silence": 2},
+                "test": {"keywords": 0, "unknown": 2, "silence": 2},
+            },
+            train_voices=VOICES,
+            test_only_voices=UNSEEN,
+        ),
+        root=tmp_path,
+        workers=2,
+    )
     module = _recipe("train_ast")
     monkeypatch.setitem(module.CONFIG, "layers", 1)
     out = _run(module, corpus, tmp_path, monkeypatch, ["--batch", "16"])
@@ -53,11 +78,21 @@ def test_ast_recipe(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_conformer_recipe_resumes(tmp_path: Path, monkeypatch) -> None:
-    corpus = load_corpus(CorpusSpec("recipe-asr", "asr", {
-        "train": {"sentences": 4, "digits": 2, "commands": 2}, "calibration": {"sentences": 1, "digits": 1,
-                                                                               "commands": 1},
-        "test": {"sentences": 2, "digits": 0, "commands": 0}}, train_voices=VOICES, test_only_voices=UNSEEN),
-        root=tmp_path, workers=2)
+    corpus = load_corpus(
+        CorpusSpec(
+            "recipe-asr",
+            "asr",
+            {
+                "train": {"sentences": 4, "digits": 2, "commands": 2},
+                "calibration": {"sentences": 1, "digits": 1, "commands": 1},
+                "test": {"sentences": 2, "digits": 0, "commands": 0},
+            },
+            train_voices=VOICES,
+            test_only_voices=UNSEEN,
+        ),
+        root=tmp_path,
+        workers=2,
+    )
     module = _recipe("train_conformer_ctc")
     monkeypatch.setitem(module.CONFIG, "layers", 1)
     out = _run(module, corpus, tmp_path, monkeypatch, [])

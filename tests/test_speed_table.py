@@ -10,20 +10,33 @@ from esc_ao.bench import speed
 
 
 def _row(model: str, variant: str, ms: float) -> dict:
-    return {"model": model, "variant": variant, "median_ms": ms, "round_medians_ms": [ms, ms + 1],
-            "speedup_vs_float": 1.0, "peak_rss_bytes": 10**7, "size_bytes": 10**6, "sqnr_vs_float_db": 30.0,
-            "coverage_summary": "1 XNNPACK delegate call(s)"}
+    return {
+        "model": model,
+        "variant": variant,
+        "median_ms": ms,
+        "round_medians_ms": [ms, ms + 1],
+        "speedup_vs_float": 1.0,
+        "peak_rss_bytes": 10**7,
+        "size_bytes": 10**6,
+        "sqnr_vs_float_db": 30.0,
+        "coverage_summary": "1 XNNPACK delegate call(s)",
+    }
 
 
 def test_measuring_one_model_keeps_the_others(tmp_path: Path, monkeypatch) -> None:
-    legacy = {"meta": {"machine": "old CPU, 2 cores", "runs_per_round": 20, "rounds": 3},
-              "rows": [_row("conformer", "float", 86.3), _row("whisper-encoder", "float", 290.0)]}
+    legacy = {
+        "meta": {"machine": "old CPU, 2 cores", "runs_per_round": 20, "rounds": 3},
+        "rows": [_row("conformer", "float", 86.3), _row("whisper-encoder", "float", 290.0)],
+    }
     (tmp_path / "speed.json").write_text(json.dumps(legacy))
     monkeypatch.setattr(speed, "describe", lambda: "new CPU (avx512_vnni), 2 threads")
     speed._write([_row("whisper-encoder", "float", 250.0), _row("whisper-encoder", "int8", 100.0)], 5, 2, tmp_path)
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert [(r["model"], r["variant"], r["median_ms"]) for r in rows] == [
-        ("conformer", "float", 86.3), ("whisper-encoder", "float", 250.0), ("whisper-encoder", "int8", 100.0)]
+        ("conformer", "float", 86.3),
+        ("whisper-encoder", "float", 250.0),
+        ("whisper-encoder", "int8", 100.0),
+    ]
     assert rows[0]["machine"] == "old CPU, 2 cores" and rows[0]["runs_per_round"] == 20
     assert rows[1]["machine"] == "new CPU (avx512_vnni), 2 threads" and rows[1]["rounds"] == 2
     md = (tmp_path / "speed.md").read_text()

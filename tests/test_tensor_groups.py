@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_residual import Attention
 
 from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
-from test_residual import Attention
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensor_groups.py"
 

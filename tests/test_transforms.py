@@ -178,8 +178,7 @@ def test_gptq_weights_lie_on_the_grid_the_observer_finds(bits: int, act_order: b
     assert len(dequantized) == 2
     with torch.no_grad():
         for dq, want in zip(dequantized, rounded.values()):
-            got = dq.target(*[converted.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a
-                              for a in dq.args])
+            got = dq.target(*[converted.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a for a in dq.args])
             # convert's integers are GPTQ's: dequantized weights equal the rounded ones
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 

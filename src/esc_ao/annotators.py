@@ -40,8 +40,21 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-__all__ = ["ANNOTATION_KEY", "OP_ROLES", "RESIDUAL_PRECISIONS", "TARGETS", "ResidualPrecision", "Role", "Specs",
-           "Target", "annotate_node", "float_tensor_inputs", "graph_outputs", "residual_adds", "xnnpack_skip_reason"]
+__all__ = [
+    "ANNOTATION_KEY",
+    "OP_ROLES",
+    "RESIDUAL_PRECISIONS",
+    "TARGETS",
+    "ResidualPrecision",
+    "Role",
+    "Specs",
+    "Target",
+    "annotate_node",
+    "float_tensor_inputs",
+    "graph_outputs",
+    "residual_adds",
+    "xnnpack_skip_reason",
+]
 
 aten = torch.ops.aten
 ANNOTATION_KEY = "quantization_annotation"
@@ -145,8 +158,13 @@ def residual_adds(nodes: Iterable[Node]) -> set[Node]:
     embedding + positional add feeds the first block's). Their outputs hold the stream's
     outlier channels (Whisper tiny.en's last block: 633 against a 99.9th percentile of
     37), which one per-tensor int8 scale cannot share with the other channels."""
-    return {n for n in nodes if n.op == "call_function" and n.target == aten.add.Tensor
-            and any(u.op == "call_function" and u.target == aten.layer_norm.default for u in n.users)}
+    return {
+        n
+        for n in nodes
+        if n.op == "call_function"
+        and n.target == aten.add.Tensor
+        and any(u.op == "call_function" and u.target == aten.layer_norm.default for u in n.users)
+    }
 
 
 def float_tensor_inputs(node: Node) -> list[Node]:
@@ -170,9 +188,15 @@ def xnnpack_skip_reason(role: Role) -> str | None:
     return None
 
 
-def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "reference",
-                  wide: frozenset[Node] = frozenset(), unquantized: frozenset[Node] = frozenset(),
-                  float_output: bool = False) -> bool:
+def annotate_node(
+    node: Node,
+    role: Role,
+    specs: Specs,
+    target: Target = "reference",
+    wide: frozenset[Node] = frozenset(),
+    unquantized: frozenset[Node] = frozenset(),
+    float_output: bool = False,
+) -> bool:
     """Writes the quantization annotation of one node; returns False when the node has
     nothing to quantize (e.g. a mul by a scalar). ``wide``: inputs read on the 16-bit grid
     (an int16 residual stream); ``unquantized``: inputs read as they are (a float one);
@@ -215,9 +239,7 @@ def annotate_node(node: Node, role: Role, specs: Specs, target: Target = "refere
             return False
         inputs, output = {x: act}, SharedQuantizationSpec((x, node))
     inputs = {x: spec for x, spec in inputs.items() if x not in unquantized}
-    node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
-        input_qspec_map=inputs, output_qspec=output, _annotated=True
-    )
+    node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
     return True
 
 

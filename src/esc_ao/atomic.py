@@ -12,8 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_path", "staged_dir", "write_json_atomic", "write_text_atomic"]

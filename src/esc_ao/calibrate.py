@@ -81,6 +81,7 @@ class CalibrationResult:
 
 # --- evaluation -------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def _outputs(prepared: GraphModule, batches: list[Batch], fake_quant: bool) -> list[Any]:
     with observer_mode(prepared, observing=False, fake_quant=fake_quant):
@@ -96,8 +97,9 @@ class _Evaluator:
     """objective(scales) over this rank's shard, all-reduced over ranks: one simulated
     forward per batch, no re-prepare, no convert, no model copy."""
 
-    def __init__(self, prepared: GraphModule, dims: list[ScaleDim], shard: list[Batch], objective: Objective,
-                 cluster: Cluster) -> None:
+    def __init__(
+        self, prepared: GraphModule, dims: list[ScaleDim], shard: list[Batch], objective: Objective, cluster: Cluster
+    ) -> None:
         self.prepared, self.dims, self.shard, self.objective, self.cluster = prepared, dims, shard, objective, cluster
         self.refs = _outputs(prepared, shard, fake_quant=False)  # the float reference, once
         self.count = 0
@@ -118,8 +120,12 @@ def _first_nonfinite(prepared: GraphModule, batch: Batch) -> str:
     class Probe(Interpreter):
         def run_node(self, n: Node) -> Any:
             out = super().run_node(n)
-            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() \
-                    and not bool(torch.isfinite(out).all()):
+            if (
+                not found
+                and isinstance(out, torch.Tensor)
+                and out.is_floating_point()
+                and not bool(torch.isfinite(out).all())
+            ):
                 found.append(n.name)
             return out
 
@@ -129,6 +135,7 @@ def _first_nonfinite(prepared: GraphModule, batch: Batch) -> str:
 
 
 # --- checkpoint --------------------------------------------------------------------------
+
 
 def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: SearchConfig, n_batches: int) -> str:
     cfg = {k: v for k, v in asdict(config).items() if k not in ("progress", "dist_timeout_s")}
@@ -149,6 +156,7 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 # --- CMA-ES ------------------------------------------------------------------------------
+
 
 def _cma_options(config: SearchConfig, n: int) -> dict[str, Any]:
     """The only place pycma's options are built: seed, popsize, budget, bounds, and no
@@ -209,9 +217,15 @@ def calibrate(
             torch.set_flush_denormal(False)
 
 
-def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective | None, config: SearchConfig,
-               checkpoint: str | Path | None, holdout: Iterable[Any] | None,
-               holdout_objective: Objective | None) -> CalibrationResult:
+def _calibrate(
+    prepared: GraphModule,
+    data: Iterable[Any],
+    objective: Objective | None,
+    config: SearchConfig,
+    checkpoint: str | Path | None,
+    holdout: Iterable[Any] | None,
+    holdout_objective: Objective | None,
+) -> CalibrationResult:
     t0 = time.perf_counter()
     batches = as_batches(data)
     cluster = cluster_from_env(config.dist_timeout_s)
@@ -241,16 +255,22 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
     final_scales = to_scales(x_final) if x_final is not None else list(local)
     final_obj = evaluate(final_scales)
     if math.isfinite(final_obj) and final_obj <= init_obj:
-        improved, message = final_obj < init_obj, (
-            f"CMA-ES lowered the objective from {init_obj:.6g} to {final_obj:.6g}"
-            if final_obj < init_obj else "the search did not change the objective")
+        improved, message = (
+            final_obj < init_obj,
+            (
+                f"CMA-ES lowered the objective from {init_obj:.6g} to {final_obj:.6g}"
+                if final_obj < init_obj
+                else "the search did not change the objective"
+            ),
+        )
     else:
         improved, final_scales, final_obj = False, list(local), init_obj
         message = "the search did not improve on the local step; kept the local-step scales"
     held: tuple[float, float] | None = None
     if holdout is not None:
-        held_out = _Evaluator(prepared, dims, cluster.shard(as_batches(holdout)),
-                              holdout_objective or objective or OutputMSE(), cluster)
+        held_out = _Evaluator(
+            prepared, dims, cluster.shard(as_batches(holdout)), holdout_objective or objective or OutputMSE(), cluster
+        )
         held = (held_out(local), held_out(final_scales)) if improved else (held_out(local),) * 2
         if improved and not held[1] < held[0]:
             improved, final_scales, final_obj = False, list(local), init_obj
@@ -260,16 +280,34 @@ def _calibrate(prepared: GraphModule, data: Iterable[Any], objective: Objective 
     _set_scales(dims, final_scales)
     message = f"start: {state['start']}; {message}"
     log.info("ESC: %s", message)
-    return CalibrationResult(labels=labels, observer_scales=observer_scales, initial_scales=list(local),
-                             final_scales=final_scales, initial_objective=init_obj, final_objective=final_obj,
-                             improved=improved, message=message, evaluations=state["evaluations"] + 1,
-                             wall_seconds=time.perf_counter() - t0, history=list(state["history"]),
-                             holdout_start=held[0] if held else None, holdout_final=held[1] if held else None,
-                             start=state["start"])
+    return CalibrationResult(
+        labels=labels,
+        observer_scales=observer_scales,
+        initial_scales=list(local),
+        final_scales=final_scales,
+        initial_objective=init_obj,
+        final_objective=final_obj,
+        improved=improved,
+        message=message,
+        evaluations=state["evaluations"] + 1,
+        wall_seconds=time.perf_counter() - t0,
+        history=list(state["history"]),
+        holdout_start=held[0] if held else None,
+        holdout_final=held[1] if held else None,
+        start=state["start"],
+    )
 
 
-def _start(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], config: SearchConfig,
-           evaluate: _Evaluator, cluster: Cluster, observer_scales: list[float], fingerprint: str) -> dict[str, Any]:
+def _start(
+    prepared: GraphModule,
+    dims: list[ScaleDim],
+    batches: list[Batch],
+    config: SearchConfig,
+    evaluate: _Evaluator,
+    cluster: Cluster,
+    observer_scales: list[float],
+    fingerprint: str,
+) -> dict[str, Any]:
     """The local step and the search's starting point (a fresh search state)."""
     layer_mse = None
     if cluster.is_driver:  # on the first (global) batches, so every world size starts alike
@@ -281,33 +319,52 @@ def _start(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], co
     starts = {"layer-output MSE": layer_mse, "observer statistics": observer_scales}
     scored = {k: evaluate(v) for k, v in starts.items()}
     start = min(scored, key=lambda k: scored[k] if math.isfinite(scored[k]) else math.inf)
-    log.info("ESC local step: start from %s (objective %s)", start,
-             ", ".join(f"{k} {v:.6g}" for k, v in scored.items()))
+    log.info(
+        "ESC local step: start from %s (objective %s)", start, ", ".join(f"{k} {v:.6g}" for k, v in scored.items())
+    )
     if not math.isfinite(scored[start]):
         raise NonFiniteObjectiveError(
             f"the local-step scales give a non-finite objective; first non-finite node: "
-            f"{_first_nonfinite(prepared, batches[0])}")
-    return {"fingerprint": fingerprint, "local": starts[start], "init_obj": scored[start], "es": None,
-            "np_rng": None, "history": [], "evaluations": 2, "best": (scored[start], None), "start": start}
+            f"{_first_nonfinite(prepared, batches[0])}"
+        )
+    return {
+        "fingerprint": fingerprint,
+        "local": starts[start],
+        "init_obj": scored[start],
+        "es": None,
+        "np_rng": None,
+        "history": [],
+        "evaluations": 2,
+        "best": (scored[start], None),
+        "start": start,
+    }
 
 
-def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], to_scales: Any,
-            ckpt_path: Path | None, probe_batch: Batch) -> None:
+def _search(
+    evaluate: _Evaluator,
+    config: SearchConfig,
+    state: dict[str, Any],
+    to_scales: Any,
+    ckpt_path: Path | None,
+    probe_batch: Batch,
+) -> None:
     """CMA-ES generations until the budget; rank 0 asks and tells, every rank evaluates."""
     from tqdm.auto import tqdm
 
     cluster = evaluate.cluster
     es = None
     if cluster.is_driver:
-        es = cma.CMAEvolutionStrategy(np.zeros(len(evaluate.dims)), config.sigma0,
-                                      _cma_options(config, len(evaluate.dims)))
+        es = cma.CMAEvolutionStrategy(
+            np.zeros(len(evaluate.dims)), config.sigma0, _cma_options(config, len(evaluate.dims))
+        )
         if state["es"] is not None:  # resume: pycma's state into the fresh object, then the RNG it samples from
             restore_object(es, state["es"], "cma")
             es.timer = cma.utilities.utils.ElapsedWCTime()  # wall clock only; pycma makes it in the first ask
             np.random.set_state(state["np_rng"])
     done = len(state["history"])
-    bar = tqdm(total=config.budget, initial=done, desc="ESC", unit="gen",
-               disable=not (config.progress and cluster.is_driver))
+    bar = tqdm(
+        total=config.budget, initial=done, desc="ESC", unit="gen", disable=not (config.progress and cluster.is_driver)
+    )
     while True:
         candidates = es.ask() if es is not None and es.countiter < config.budget else None
         candidates = cluster.broadcast(candidates)
@@ -319,7 +376,8 @@ def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], t
         if not finite:
             raise NonFiniteObjectiveError(
                 f"every candidate of generation {generation} gave a non-finite objective; first "
-                f"non-finite node: {_first_nonfinite(evaluate.prepared, probe_batch)}")
+                f"non-finite node: {_first_nonfinite(evaluate.prepared, probe_batch)}"
+            )
         for x, v in zip(candidates, values):
             if not math.isfinite(v):
                 log.warning("ESC: candidate with non-finite objective penalised (generation %d)", generation)
@@ -330,8 +388,15 @@ def _search(evaluate: _Evaluator, config: SearchConfig, state: dict[str, Any], t
         if es is not None:
             es.tell(candidates, [v if math.isfinite(v) else _PENALTY for v in values])
             state["x_mean"], sigma = np.asarray(es.mean, dtype=float).copy(), float(es.sigma)
-        state["history"].append({"generation": generation, "best": min(finite), "mean": float(np.mean(finite)),
-                                 "sigma": sigma, "evaluations": state["evaluations"]})
+        state["history"].append(
+            {
+                "generation": generation,
+                "best": min(finite),
+                "mean": float(np.mean(finite)),
+                "sigma": sigma,
+                "evaluations": state["evaluations"],
+            }
+        )
         bar.set_postfix(best=f"{min(finite):.4g}", mean=f"{np.mean(finite):.4g}", sigma=f"{sigma:.3g}")
         bar.update(1)
         if ckpt_path is not None and es is not None:

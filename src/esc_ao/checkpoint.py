@@ -46,6 +46,7 @@ class CheckpointError(ValueError):
 
 # --- values <-> JSON trees ---------------------------------------------------------------
 
+
 def encode(value: Any) -> Any:
     """A JSON-able tree of ``value`` (see the module doc); TypeError for anything else."""
     if isinstance(value, np.generic):  # before float: np.float64 is a float
@@ -60,8 +61,12 @@ def encode(value: Any) -> Any:
         # Fortran order kept: BLAS may sum in another order on another layout (pycma's
         # eigenvectors come out of eigh in Fortran order), and resuming must be bit-exact.
         order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
-        return {"__array__": value.dtype.str, "shape": list(value.shape), "order": order,
-                "data": value.ravel(order=order).tolist()}
+        return {
+            "__array__": value.dtype.str,
+            "shape": list(value.shape),
+            "order": order,
+            "data": value.ravel(order=order).tolist(),
+        }
     if type(value) is tuple:
         return {"__tuple__": [encode(v) for v in value]}
     if type(value) is range:
@@ -112,6 +117,7 @@ def _hashable(key: Any) -> Any:
 
 
 # --- an object's state as attribute paths --------------------------------------------------
+
 
 def object_state(obj: Any, package: str) -> dict[str, Any]:
     """Every data value reachable from ``obj`` through attributes of objects whose class
@@ -167,8 +173,10 @@ def restore_object(obj: Any, state: dict[str, Any], package: str) -> None:
             raise CheckpointError(f"checkpoint path {path!r} does not match this version's {package} objects")
         if isinstance(tree, dict) and "__same_as__" in tree:
             if tree["__same_as__"] not in restored:
-                raise CheckpointError(f"checkpoint path {path!r} shares an array with {tree['__same_as__']!r}, "
-                                      "which comes later or not at all")
+                raise CheckpointError(
+                    f"checkpoint path {path!r} shares an array with {tree['__same_as__']!r}, "
+                    "which comes later or not at all"
+                )
             value = restored[tree["__same_as__"]]
         else:
             value = decode(tree)
@@ -186,11 +194,15 @@ def _holds_owned(value: Any, package: str) -> bool:
 
 def _owned(value: Any, package: str) -> bool:
     module = type(value).__module__
-    return (module == package or module.startswith(package + ".")) and hasattr(value, "__dict__") \
+    return (
+        (module == package or module.startswith(package + "."))
+        and hasattr(value, "__dict__")
         and not isinstance(value, type)
+    )
 
 
 # --- files -----------------------------------------------------------------------------
+
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Writes ``state`` (encodable values) atomically, synced to disk."""
@@ -211,14 +223,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not an esc-ao checkpoint (not JSON, or truncated: {exc}); "
-                              "delete it or pass another --checkpoint path") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not an esc-ao checkpoint (not JSON, or truncated: {exc}); "
+            "delete it or pass another --checkpoint path"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is JSON but not an esc-ao search checkpoint (no "
-                              f"\"format\": \"{FORMAT}\"); delete it or pass another path")
+        raise CheckpointError(
+            f"checkpoint {path} is JSON but not an esc-ao search checkpoint (no "
+            f'"format": "{FORMAT}"); delete it or pass another path'
+        )
     if doc.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {doc.get('version')!r}, this esc-ao reads "
-                              f"{VERSION}; delete it to start the search afresh")
+        raise CheckpointError(
+            f"checkpoint {path} has format version {doc.get('version')!r}, this esc-ao reads "
+            f"{VERSION}; delete it to start the search afresh"
+        )
     try:
         state = decode(doc.get("state"))
     except (ValueError, TypeError) as exc:

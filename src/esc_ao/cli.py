@@ -45,53 +45,109 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="esc-ao", description="Low-bit integer quantization of speech models.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    q = sub.add_parser("quantize", help="quantize a model and write the program and a report",
-                       description="With no arguments: Whisper tiny.en's encoder, calibrated on the bundled clips.")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and write the program and a report",
+        description="With no arguments: Whisper tiny.en's encoder, calibrated on the bundled clips.",
+    )
     q.add_argument("--program", type=Path, help="a saved torch.export program (.pt2) instead of the default model")
-    q.add_argument("--calib-data", type=Path,
-                   help="with --program: torch.save'd list of input tuples (or tensors) to calibrate on")
+    q.add_argument(
+        "--calib-data", type=Path, help="with --program: torch.save'd list of input tuples (or tensors) to calibrate on"
+    )
     q.add_argument("--method", default="esc", choices=METHODS)
     q.add_argument("--weight-bits", type=int, default=8, choices=(4, 8))
     q.add_argument("--act-bits", type=int, default=8, choices=(4, 8))
     q.add_argument("--affine", action="store_true", help="affine activation grids (default symmetric)")
     q.add_argument("--calib-clips", type=int, default=None, help="use only the first N bundled calibration clips")
-    q.add_argument("--keep-float", action="append", default=[], metavar="MODULE",
-                   help="qualified module name to leave in float (repeatable), e.g. encoder.blocks.3")
+    q.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="qualified module name to leave in float (repeatable), e.g. encoder.blocks.3",
+    )
     q.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    q.add_argument("--target", default="xnnpack", choices=TARGETS,
-                   help="xnnpack (default): the ops XNNPACK runs as int8 kernels, int8 in and out; "
-                        "reference: the paper's full integer model (attention matmuls too)")
+    q.add_argument(
+        "--target",
+        default="xnnpack",
+        choices=TARGETS,
+        help="xnnpack (default): the ops XNNPACK runs as int8 kernels, int8 in and out; "
+        "reference: the paper's full integer model (attention matmuls too)",
+    )
     q.add_argument("--no-pte", action="store_true", help="skip the ExecuTorch .pte (write model.pt2 only)")
     r = q.add_argument_group("recipe (esc_ao.recipe)")
-    r.add_argument("--residual", default=None, choices=RESIDUAL_PRECISIONS,
-                   help="the residual stream's precision: int16 (reference target), float, or int8; default: "
-                        "int16 on the reference target, float on xnnpack")
-    r.add_argument("--attention-probs", default=None, choices=("int8", "int16"),
-                   help="the attention probabilities' grid (softmax outputs an attention matmul reads); default: "
-                        "int16 on the reference target (xnnpack runs attention in float)")
-    r.add_argument("--rotate", action="store_true",
-                   help="Hadamard-rotate each pre-LayerNorm residual stream, folded into the weights (default: off)")
-    r.add_argument("--rotate-block", type=int, default=None, metavar="N",
-                   help="with --rotate, also rotate the input of each linear reading an activation function online, "
-                        "in blocks of N channels (a power of two, e.g. 64)")
-    r.add_argument("--no-smooth", action="store_true",
-                   help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)")
-    r.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ rounding of the linears' weights (default: on at 4-bit weights, off at 8)")
-    r.add_argument("--weight-group", type=int, default=None, metavar="N",
-                   help="group-wise linear weights: one scale per N input channels of each output channel "
-                        "(a power of two, e.g. 32; reference target only; default: per-channel)")
-    r.add_argument("--precision-budget", type=float, default=None, metavar="FRACTION",
-                   help="mixed precision: raise the most sensitive layer groups (to float at W8A8, to W8A8 under "
-                        "4 bits) within this fraction of the multiply-accumulates, e.g. 0.05 (default: none)")
+    r.add_argument(
+        "--residual",
+        default=None,
+        choices=RESIDUAL_PRECISIONS,
+        help="the residual stream's precision: int16 (reference target), float, or int8; default: "
+        "int16 on the reference target, float on xnnpack",
+    )
+    r.add_argument(
+        "--attention-probs",
+        default=None,
+        choices=("int8", "int16"),
+        help="the attention probabilities' grid (softmax outputs an attention matmul reads); default: "
+        "int16 on the reference target (xnnpack runs attention in float)",
+    )
+    r.add_argument(
+        "--rotate",
+        action="store_true",
+        help="Hadamard-rotate each pre-LayerNorm residual stream, folded into the weights (default: off)",
+    )
+    r.add_argument(
+        "--rotate-block",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --rotate, also rotate the input of each linear reading an activation function online, "
+        "in blocks of N channels (a power of two, e.g. 64)",
+    )
+    r.add_argument(
+        "--no-smooth",
+        action="store_true",
+        help="skip LayerNorm -> linear smoothing (default: smoothed, alpha per site)",
+    )
+    r.add_argument(
+        "--gptq",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ rounding of the linears' weights (default: on at 4-bit weights, off at 8)",
+    )
+    r.add_argument(
+        "--weight-group",
+        type=int,
+        default=None,
+        metavar="N",
+        help="group-wise linear weights: one scale per N input channels of each output channel "
+        "(a power of two, e.g. 32; reference target only; default: per-channel)",
+    )
+    r.add_argument(
+        "--precision-budget",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="mixed precision: raise the most sensitive layer groups (to float at W8A8, to W8A8 under "
+        "4 bits) within this fraction of the multiply-accumulates, e.g. 0.05 (default: none)",
+    )
     e = q.add_argument_group("ESC search (--method esc)")
-    e.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                   help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)")
-    e.add_argument("--popsize", type=int, default=DEFAULT_POPSIZE, help=f"candidates per generation (default {DEFAULT_POPSIZE})")
+    e.add_argument(
+        "--budget",
+        type=int,
+        default=DEFAULT_BUDGET,
+        help=f"CMA-ES generations (default {DEFAULT_BUDGET}; the paper uses 100; 0: local step only)",
+    )
+    e.add_argument(
+        "--popsize", type=int, default=DEFAULT_POPSIZE, help=f"candidates per generation (default {DEFAULT_POPSIZE})"
+    )
     e.add_argument("--sigma0", type=float, default=0.1)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--objective", default="mse", choices=("mse", "kl"),
-                   help="mse: output noise-to-signal vs float; kl: softmax KL of logits")
+    e.add_argument(
+        "--objective",
+        default="mse",
+        choices=("mse", "kl"),
+        help="mse: output noise-to-signal vs float; kl: softmax KL of logits",
+    )
     e.add_argument("--checkpoint", type=Path, help="search state file, written each generation; resumed if present")
     b = sub.add_parser("bench", help="benchmarks that write docs/results/")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -105,14 +161,19 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--calib-clips", type=int, default=None)
     be.add_argument("--out", type=Path, default=Path("docs/results"))
-    bc = bsub.add_parser("calib", help="one ESC calibration of Whisper tiny.en's encoder: evaluations/s, wall time "
-                                      "(run under torchrun --nproc-per-node N to shard it)")
+    bc = bsub.add_parser(
+        "calib",
+        help="one ESC calibration of Whisper tiny.en's encoder: evaluations/s, wall time "
+        "(run under torchrun --nproc-per-node N to shard it)",
+    )
     bc.add_argument("--bits", default="w8a8", choices=BIT_LABELS)
     bc.add_argument("--budget", type=int, default=3)
     bc.add_argument("--popsize", type=int, default=8)
     bc.add_argument("--calib-clips", type=int, default=None)
-    bs = bsub.add_parser("speed", help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native "
-                                      "runner), size, peak memory")
+    bs = bsub.add_parser(
+        "speed",
+        help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native " "runner), size, peak memory",
+    )
     bs.add_argument("--models", nargs="+", default=["conformer", "whisper-encoder", "ast"])
     bs.add_argument("--variants", nargs="+", default=["float", "int8", "w4a4", "w4-dyn"])
     bs.add_argument("--runs", type=int, default=20)
@@ -121,26 +182,46 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--work", type=Path, default=Path("esc_ao_out/speed"), help="where the .pte files go")
     bs.add_argument("--reuse", action="store_true", help="reuse .pte files (and their .json) already in --work")
     bs.add_argument("--lower-only", action="store_true", help="write the .pte files, time nothing")
-    ba = bsub.add_parser("accuracy", help="WER / accuracy of every calibration method and bit width on the trained "
-                                         "speech models (cached per cell)")
+    ba = bsub.add_parser(
+        "accuracy",
+        help="WER / accuracy of every calibration method and bit width on the trained "
+        "speech models (cached per cell)",
+    )
     ba.add_argument("--models", nargs="+", default=["conformer-ctc", "ast", "whisper-tiny.en", "whisper-base"])
-    ba.add_argument("--eval-sets", nargs="+", default=None,
-                    help="real (human recordings) and/or tts (the TTS corpora); default: each model's own")
-    ba.add_argument("--methods", nargs="+", default=list(BENCH_METHODS),
-                    help=f"calibration methods, and {DYNAMIC_METHOD} (dynamic int8 activations, no calibration; "
-                         "W8A8 and W4A8 only)")
+    ba.add_argument(
+        "--eval-sets",
+        nargs="+",
+        default=None,
+        help="real (human recordings) and/or tts (the TTS corpora); default: each model's own",
+    )
+    ba.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(BENCH_METHODS),
+        help=f"calibration methods, and {DYNAMIC_METHOD} (dynamic int8 activations, no calibration; "
+        "W8A8 and W4A8 only)",
+    )
     ba.add_argument("--bits", nargs="+", default=list(BIT_LABELS))
     ba.add_argument("--calib-samples", type=int, default=100, help="calibration utterances (paper: 100)")
     ba.add_argument("--seed", type=int, default=0)
     ba.add_argument("--budget", type=int, default=30, help="ESC's CMA-ES generations")
     ba.add_argument("--popsize", type=int, default=8)
     ba.add_argument("--out", type=Path, default=Path("docs/results"))
-    ba.add_argument("--cells", type=Path, default=Path("docs/results/accuracy_cells"),
-                    help="one JSON per computed cell; existing cells are reused")
-    ba.add_argument("--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing")
-    ba.add_argument("--prune", action="store_true",
-                    help="delete the cells of older keys (the table never shows them), then render")
-    c = sub.add_parser("corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)")
+    ba.add_argument(
+        "--cells",
+        type=Path,
+        default=Path("docs/results/accuracy_cells"),
+        help="one JSON per computed cell; existing cells are reused",
+    )
+    ba.add_argument(
+        "--render-only", action="store_true", help="rewrite the table from the cells present; compute nothing"
+    )
+    ba.add_argument(
+        "--prune", action="store_true", help="delete the cells of older keys (the table never shows them), then render"
+    )
+    c = sub.add_parser(
+        "corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)"
+    )
     c.add_argument("names", nargs="*", default=["asr", "kws", "real-asr"])
     return p
 
@@ -152,11 +233,15 @@ def _load_calib(path: Path) -> list:
     try:
         data = torch.load(path, weights_only=True)
     except Exception as exc:  # torch.load raises many types for a foreign or corrupt file
-        raise UsageError(f"--calib-data {path}: not a torch.save'd list of input tuples "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UsageError(
+            f"--calib-data {path}: not a torch.save'd list of input tuples "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(data, (list, tuple)) or not data:
-        raise UsageError(f"--calib-data {path}: expected a non-empty list of input tuples, got "
-                         f"{type(data).__name__}{' (empty)' if isinstance(data, (list, tuple)) else ''}")
+        raise UsageError(
+            f"--calib-data {path}: expected a non-empty list of input tuples, got "
+            f"{type(data).__name__}{' (empty)' if isinstance(data, (list, tuple)) else ''}"
+        )
     return list(data)
 
 
@@ -171,8 +256,10 @@ def _program_inputs(program: Path, calib: Path | None) -> tuple[JobInputs, torch
             raise zipfile.BadZipFile("not a zip archive")
         gm = torch.export.load(str(program)).module()
     except Exception as exc:  # a foreign or truncated archive: many exception types
-        raise UsageError(f"--program {program}: not a torch.export program (.pt2) "
-                         f"({type(exc).__name__}); save one with torch.export.save") from None
+        raise UsageError(
+            f"--program {program}: not a torch.export program (.pt2) "
+            f"({type(exc).__name__}); save one with torch.export.save"
+        ) from None
     finally:
         export_log.setLevel(level)
     if calib is None:
@@ -195,9 +282,11 @@ def _default_inputs(args: argparse.Namespace) -> JobInputs:
     inputs = whisper_default(args.calib_clips)
     if args.calib_data is not None:
         expected = [tuple(inputs.calibration[0][0].shape)]
-        inputs.calibration = check_batches(_load_calib(args.calib_data), expected,
-                                           what=f"--calib-data {args.calib_data} (for Whisper tiny.en's encoder, "
-                                                f"log-mel {expected[0]})")
+        inputs.calibration = check_batches(
+            _load_calib(args.calib_data),
+            expected,
+            what=f"--calib-data {args.calib_data} (for Whisper tiny.en's encoder, " f"log-mel {expected[0]})",
+        )
         inputs.notes = {**inputs.notes, "calibration_voices": [f"--calib-data {args.calib_data}"]}
     return inputs
 
@@ -213,13 +302,15 @@ def _check_out(out: Path, flag: str = "--out") -> None:
     try:
         os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".esc-ao-probe-"))
     except OSError as exc:
-        raise UsageError(f"{flag} {out}: cannot write under {ancestor} ({exc.strerror}); pass a writable "
-                         "directory") from None
+        raise UsageError(
+            f"{flag} {out}: cannot write under {ancestor} ({exc.strerror}); pass a writable " "directory"
+        ) from None
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    config = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method,
-                         act_symmetric=not args.affine)
+    config = QuantConfig(
+        weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, act_symmetric=not args.affine
+    )
     search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
     _check_out(args.out)
     if args.checkpoint is not None:
@@ -230,8 +321,9 @@ def _quantize(args: argparse.Namespace) -> int:
             load_checkpoint(args.checkpoint)  # a foreign or corrupt file: refused now, not after the export
     if args.program is not None:
         if args.calib_clips is not None:
-            raise UsageError("--calib-clips picks bundled clips for the default model; with --program give "
-                             "--calib-data")
+            raise UsageError(
+                "--calib-clips picks bundled clips for the default model; with --program give " "--calib-data"
+            )
         inputs, graph = _program_inputs(args.program, args.calib_data)
     else:
         inputs, graph = _default_inputs(args), None
@@ -243,24 +335,44 @@ def _quantize(args: argparse.Namespace) -> int:
         if args.rotate_block is not None and not args.rotate:
             raise ValueError(f"--rotate-block {args.rotate_block} needs --rotate")
         probs = args.attention_probs or ("int16" if args.target == "reference" else "int8")
-        recipe = Recipe(target=args.target, residual=residual, smooth=not args.no_smooth, gptq=use_gptq,
-                        weight_group=args.weight_group, precision_budget=args.precision_budget,
-                        rotate=args.rotate, rotate_block=args.rotate_block, probs16=probs == "int16")
+        recipe = Recipe(
+            target=args.target,
+            residual=residual,
+            smooth=not args.no_smooth,
+            gptq=use_gptq,
+            weight_group=args.weight_group,
+            precision_budget=args.precision_budget,
+            rotate=args.rotate,
+            rotate_block=args.rotate_block,
+            probs16=probs == "int16",
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.weight_group is not None and not args.no_pte:
-        raise UsageError("--weight-group has no ExecuTorch kernel with static int8 inputs, so no .pte can hold "
-                         "it: add --no-pte (model.pt2 keeps the group-wise program)")
-    report = quantize_job(inputs, config, args.out if driver else None, keep_float=args.keep_float, graph=graph,
-                          search=search, objective=objective_by_name(args.objective),
-                          checkpoint=args.checkpoint if driver else None, write_pte=not args.no_pte,
-                          recipe=recipe)
+        raise UsageError(
+            "--weight-group has no ExecuTorch kernel with static int8 inputs, so no .pte can hold "
+            "it: add --no-pte (model.pt2 keeps the group-wise program)"
+        )
+    report = quantize_job(
+        inputs,
+        config,
+        args.out if driver else None,
+        keep_float=args.keep_float,
+        graph=graph,
+        search=search,
+        objective=objective_by_name(args.objective),
+        checkpoint=args.checkpoint if driver else None,
+        write_pte=not args.no_pte,
+        recipe=recipe,
+    )
     if not driver:
         return 0
-    print(f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): "
-          f"output SQNR {report['output_sqnr_db']:.2f} dB on {report['heldout_batches']} held-out batch(es); "
-          f"wrote {args.out}/model.pt2, report.md, report.json"
-          f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)")
+    print(
+        f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): "
+        f"output SQNR {report['output_sqnr_db']:.2f} dB on {report['heldout_batches']} held-out batch(es); "
+        f"wrote {args.out}/model.pt2, report.md, report.json"
+        f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)"
+    )
     return 0
 
 
@@ -298,21 +410,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.bench == "esc":
         from esc_ao.bench.esc import run_esc_bench
 
-        run_esc_bench(args.out, args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
-                      args.calib_clips)
+        run_esc_bench(
+            args.out,
+            args.bits,
+            SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
+            args.calib_clips,
+        )
         return 0
     if args.command == "bench" and args.bench == "speed":
         from esc_ao.bench.speed import run_speed_bench
 
-        run_speed_bench(args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse,
-                        args.lower_only)
+        run_speed_bench(
+            args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse, args.lower_only
+        )
         return 0
     if args.command == "bench" and args.bench == "accuracy":
         from esc_ao.bench.accuracy import AccuracySettings, render, run_accuracy_bench
         from esc_ao.bench.accuracy_table import stale_cells
 
-        settings = AccuracySettings(n_calibration=args.calib_samples, seed=args.seed, budget=args.budget,
-                                    popsize=args.popsize)
+        settings = AccuracySettings(
+            n_calibration=args.calib_samples, seed=args.seed, budget=args.budget, popsize=args.popsize
+        )
         if args.prune:
             stale = stale_cells(args.cells)
             for path in stale:
@@ -344,14 +462,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine or real-speech package
                 print(f"esc-ao corpus: {exc}", file=sys.stderr)
                 return 2
-            print(f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
-                  f"(fingerprint {corpus.manifest['fingerprint']})")
+            print(
+                f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
+                f"(fingerprint {corpus.manifest['fingerprint']})"
+            )
         return 0
     if args.command == "bench" and args.bench == "calib":
         from esc_ao.bench.esc import run_calib_bench
 
-        run_calib_bench(args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False),
-                        args.calib_clips)
+        run_calib_bench(
+            args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False), args.calib_clips
+        )
         return 0
     return 2
 

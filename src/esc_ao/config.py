@@ -55,20 +55,17 @@ class QuantConfig:
                     "(4-bit grids run on int8 kernels restricted to [-8, 7])."
                 )
         group = self.weight_group
-        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 8
-                                  or group & (group - 1)):
+        if group is not None and (
+            isinstance(group, bool) or not isinstance(group, int) or group < 8 or group & (group - 1)
+        ):
             raise ValueError(
                 f"QuantConfig.weight_group={group!r} must be None (per-channel weights) or a power of two "
                 ">= 8, e.g. 32, 64 or 128."
             )
         if self.method not in METHODS:
-            raise ValueError(
-                f"QuantConfig.method={self.method!r} is unknown: use one of {', '.join(METHODS)}."
-            )
+            raise ValueError(f"QuantConfig.method={self.method!r} is unknown: use one of {', '.join(METHODS)}.")
         if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(
-                f"QuantConfig.percentile={self.percentile!r} must lie in (50, 100], e.g. 99.99."
-            )
+            raise ValueError(f"QuantConfig.percentile={self.percentile!r} must lie in (50, 100], e.g. 99.99.")
         bins = self.histogram_bins
         if bins < 64 or bins & (bins - 1):
             raise ValueError(
@@ -138,5 +135,7 @@ class SearchConfig:
         if self.final not in ("mean", "best"):
             raise ValueError(f"SearchConfig.final={self.final!r}: use 'mean' (paper) or 'best'")
         if self.local_grid < 2 or self.local_batches < 1:
-            raise ValueError(f"SearchConfig.local_grid={self.local_grid!r} must be >= 2 and "
-                             f"local_batches={self.local_batches!r} >= 1")
+            raise ValueError(
+                f"SearchConfig.local_grid={self.local_grid!r} must be >= 2 and "
+                f"local_batches={self.local_batches!r} >= 1"
+            )

@@ -51,8 +51,10 @@ class Cluster:
         """This rank's batches (round robin)."""
         mine = list(batches[self.rank :: self.world])
         if not mine:
-            raise ValueError(f"{len(batches)} calibration batches cannot be shared by {self.world} ranks: "
-                             "give at least one batch per rank")
+            raise ValueError(
+                f"{len(batches)} calibration batches cannot be shared by {self.world} ranks: "
+                "give at least one batch per rank"
+            )
         return mine
 
     def sum_parts(self, numerator: float, denominator: float) -> tuple[float, float]:

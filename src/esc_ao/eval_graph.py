@@ -27,8 +27,11 @@ from esc_ao.observers import fake_quantize
 __all__ = ["for_evaluation"]
 
 _QD = torch.ops.quantized_decomposed
-_DEQUANTIZE = (_QD.dequantize_per_tensor.default, _QD.dequantize_per_channel.default,
-               _QD.dequantize_per_channel_group.default)
+_DEQUANTIZE = (
+    _QD.dequantize_per_tensor.default,
+    _QD.dequantize_per_channel.default,
+    _QD.dequantize_per_channel_group.default,
+)
 
 
 def for_evaluation(converted: GraphModule) -> GraphModule:
@@ -62,8 +65,13 @@ def _is_constant(node: object) -> bool:
 def _is_pair(dq: Node) -> bool:
     """dequantize_per_tensor(quantize_per_tensor(x, p...), p...) with identical scalar p."""
     q = dq.args[0]
-    return (isinstance(q, Node) and q.op == "call_function" and q.target == _QD.quantize_per_tensor.default
-            and tuple(q.args[1:6]) == tuple(dq.args[1:6]) and not dq.kwargs.get("out_dtype"))
+    return (
+        isinstance(q, Node)
+        and q.op == "call_function"
+        and q.target == _QD.quantize_per_tensor.default
+        and tuple(q.args[1:6]) == tuple(dq.args[1:6])
+        and not dq.kwargs.get("out_dtype")
+    )
 
 
 def _fold_constant(gm: GraphModule, node: Node, name: str) -> None:

@@ -17,8 +17,17 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-__all__ = ["SKIP_KEY", "copy_debug_meta", "decompose_sdpa", "drop_noop_casts", "replace_parameter", "resolve_attr", "shared_weight",
-           "tidy", "tied_linears"]
+__all__ = [
+    "SKIP_KEY",
+    "copy_debug_meta",
+    "decompose_sdpa",
+    "drop_noop_casts",
+    "replace_parameter",
+    "resolve_attr",
+    "shared_weight",
+    "tidy",
+    "tied_linears",
+]
 
 # node.meta key: this node must stay float; the value says why (shown in the report).
 SKIP_KEY = "esc_ao_keep_float"
@@ -58,8 +67,10 @@ def _is_noop_cast(node: Node) -> bool:
     if not isinstance(val_in, torch.Tensor) or not isinstance(val_out, torch.Tensor):
         return False
     extra = {k: v for k, v in node.kwargs.items() if k not in ("dtype", "copy")}
-    return val_in.dtype == val_out.dtype and val_in.device == val_out.device and not any(
-        v not in (None, False) for k, v in extra.items() if k != "memory_format"
+    return (
+        val_in.dtype == val_out.dtype
+        and val_in.device == val_out.device
+        and not any(v not in (None, False) for k, v in extra.items() if k != "memory_format")
     )
 
 
@@ -106,9 +117,15 @@ def tied_linears(gm: GraphModule) -> list[str]:
     """Names of the linear nodes whose weight is a parameter also read elsewhere (a tied
     embedding). Drops no-op casts first: one between a weight and its linear would hide it."""
     drop_noop_casts(gm)
-    return [node.name for node in gm.graph.nodes
-            if node.op == "call_function" and node.target == aten.linear.default
-            and isinstance(node.args[1], Node) and node.args[1].op == "get_attr" and shared_weight(gm, node.args[1])]
+    return [
+        node.name
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and node.target == aten.linear.default
+        and isinstance(node.args[1], Node)
+        and node.args[1].op == "get_attr"
+        and shared_weight(gm, node.args[1])
+    ]
 
 
 def replace_parameter(gm: GraphModule, target: str, value: torch.Tensor) -> None:
@@ -117,8 +134,11 @@ def replace_parameter(gm: GraphModule, target: str, value: torch.Tensor) -> None
     owner, _, name = target.rpartition(".")
     module = resolve_attr(gm, owner) if owner else gm
     old = getattr(module, name)
-    new = torch.nn.Parameter(value.detach().clone(), requires_grad=False) if isinstance(old, torch.nn.Parameter) \
+    new = (
+        torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+        if isinstance(old, torch.nn.Parameter)
         else value.detach().clone()
+    )
     setattr(module, name, new)
 
 
@@ -131,8 +151,13 @@ def tidy(gm: GraphModule) -> None:
 
 def _sdpa_args(node: Node) -> dict[str, Any]:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    defaults: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False,
-                                "scale": None, "enable_gqa": False}
+    defaults: dict[str, Any] = {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "enable_gqa": False,
+    }
     args = dict(defaults)
     args.update(zip(names, node.args))
     args.update(node.kwargs)
@@ -170,8 +195,7 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
         mask = a["attn_mask"]
         if isinstance(mask, Node):
             if mask.meta["val"].dtype == torch.bool:
-                scores = emit(aten.masked_fill.Scalar, scores, emit(aten.logical_not.default, mask),
-                              float("-inf"))
+                scores = emit(aten.masked_fill.Scalar, scores, emit(aten.logical_not.default, mask), float("-inf"))
             else:
                 scores = emit(aten.add.Tensor, scores, mask)
                 scores.meta[SKIP_KEY] = "adds the attention mask (-inf entries cannot be quantized)"

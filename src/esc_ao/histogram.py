@@ -100,8 +100,10 @@ class SignedHistogram:
     def load(self, state: dict[str, object]) -> None:
         counts = state["counts"]
         if not isinstance(counts, torch.Tensor) or counts.numel() != 2 * self.bins:
-            raise ValueError(f"histogram state has {getattr(counts, 'numel', lambda: '?')()} bins, "
-                             f"expected {2 * self.bins}: it was saved with another histogram_bins")
+            raise ValueError(
+                f"histogram state has {getattr(counts, 'numel', lambda: '?')()} bins, "
+                f"expected {2 * self.bins}: it was saved with another histogram_bins"
+            )
         self.counts = counts.clone()
         log2_range = state["log2_range"]
         self.log2_range = None if log2_range is None else int(log2_range)  # type: ignore[arg-type]
@@ -118,9 +120,7 @@ def percentile_threshold(folded: np.ndarray, width: float, amax: float, percenti
     return min((b + 1) * width, amax)
 
 
-def quantization_mse(
-    values: np.ndarray, weights: np.ndarray, thresholds: np.ndarray, qmax: int
-) -> np.ndarray:
+def quantization_mse(values: np.ndarray, weights: np.ndarray, thresholds: np.ndarray, qmax: int) -> np.ndarray:
     """Mean squared symmetric quantization error of |x| for each candidate threshold.
 
     Args:

@@ -25,8 +25,8 @@ from esc_ao.report import (
     layer_sqnr,
     observer_stats,
     output_sqnr,
-    weight_bytes,
     plot_convergence,
+    weight_bytes,
 )
 
 __all__ = ["JobInputs", "quantize_job", "whisper_default"]
@@ -65,8 +65,10 @@ def whisper_default(n_calibration: int | None = None) -> JobInputs:
         model=encoder,
         calibration=[(whisper_mel(c.audio),) for c in calib],
         heldout=[(whisper_mel(c.audio),) for c in held],
-        notes={"calibration_voices": sorted({c.voice for c in calib}),
-               "heldout_voices": sorted({c.voice for c in held})},
+        notes={
+            "calibration_voices": sorted({c.voice for c in calib}),
+            "heldout_voices": sorted({c.voice for c in held}),
+        },
         task_metric=lambda enc: _heldout_wer(whisper, enc, held),
     )
 
@@ -82,8 +84,10 @@ def _heldout_wer(whisper: torch.nn.Module, encoder: torch.nn.Module, clips: Sequ
     audio, text, tok = WhisperAudio(whisper).eval(), WhisperTextStep(whisper).eval(), tokenizer("tiny.en")
     audio.encoder = encoder
     with torch.no_grad():
-        hyps = [tok.decode(greedy_transcribe(audio, text, whisper_mel(c.audio), token_limit(len(c.audio) / 16000))[0])
-                for c in clips]
+        hyps = [
+            tok.decode(greedy_transcribe(audio, text, whisper_mel(c.audio), token_limit(len(c.audio) / 16000))[0])
+            for c in clips
+        ]
     est = wer([c.text for c in clips], hyps, seed=0)
     return {"wer": est.value, "utterances": len(clips), "hypotheses": hyps}
 
@@ -132,8 +136,13 @@ def quantize_job(
     converted = convert(prepared)
     report: dict[str, Any] = {
         "model": inputs.name,
-        "config": {"weight_bits": config.weight_bits, "act_bits": config.act_bits, "method": config.method,
-                   "act_symmetric": config.act_symmetric, "label": config.label},
+        "config": {
+            "weight_bits": config.weight_bits,
+            "act_bits": config.act_bits,
+            "method": config.method,
+            "act_symmetric": config.act_symmetric,
+            "label": config.label,
+        },
         "target": recipe.target,
         "recipe": {"suffix": recipe.suffix, "description": recipe.describe(), **asdict(recipe)},
         "transforms": [asdict(r) for r in transforms],
@@ -142,12 +151,21 @@ def quantize_job(
         "calibration_batches": len(calibration),
         "heldout_batches": len(heldout),
         "output_sqnr_db": output_sqnr(inputs.model, converted, heldout),
-        "task": ({"float": inputs.task_metric(inputs.model), "quantized": inputs.task_metric(converted)}
-                 if inputs.task_metric is not None else None),
+        "task": (
+            {"float": inputs.task_metric(inputs.model), "quantized": inputs.task_metric(converted)}
+            if inputs.task_metric is not None
+            else None
+        ),
         "calibration_seconds": round(t_calib, 2),
         "layers": [
-            {"node": r.node, "op": r.op, "module": r.module, "quantized": r.quantized, "reason": r.reason,
-             "sqnr_db": per_layer.get(r.node)}
+            {
+                "node": r.node,
+                "op": r.op,
+                "module": r.module,
+                "quantized": r.quantized,
+                "reason": r.reason,
+                "sqnr_db": per_layer.get(r.node),
+            }
             for r in quantizer.records()
         ],
         "activations": activations,
@@ -161,10 +179,18 @@ def quantize_job(
             if write_pte:
                 from esc_ao.lower import to_executorch
 
-                lowered = to_executorch(converted, heldout[0], stage / "model.pte", act_bits=config.act_bits,
-                                        reference=inputs.model if graph is None else None)
-                report["executorch"] = {**lowered.as_dict(), "path": str(Path(out_dir) / "model.pte"),
-                                        "summary": lowered.coverage.summary()}
+                lowered = to_executorch(
+                    converted,
+                    heldout[0],
+                    stage / "model.pte",
+                    act_bits=config.act_bits,
+                    reference=inputs.model if graph is None else None,
+                )
+                report["executorch"] = {
+                    **lowered.as_dict(),
+                    "path": str(Path(out_dir) / "model.pte"),
+                    "summary": lowered.coverage.summary(),
+                }
             if esc is not None and esc.history:
                 plot_convergence(esc.history, esc.initial_objective, stage / "convergence.png")
             write_json_atomic(stage / "report.json", report)
@@ -187,9 +213,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{'symmetric' if cfg['act_symmetric'] else 'affine'} activations",
         f"- calibration batches: {report['calibration_batches']}, held-out batches: {report['heldout_batches']}",
         f"- output SQNR vs float (held-out): **{_fmt(report['output_sqnr_db'])} dB**",
-        *([f"- held-out WER (greedy, float decoder): **{100 * report['task']['quantized']['wer']:.2f} %** "
-           f"with this encoder, {100 * report['task']['float']['wer']:.2f} % with the float one "
-           f"({report['task']['float']['utterances']} clips)"] if report.get("task") else []),
+        *(
+            [
+                f"- held-out WER (greedy, float decoder): **{100 * report['task']['quantized']['wer']:.2f} %** "
+                f"with this encoder, {100 * report['task']['float']['wer']:.2f} % with the float one "
+                f"({report['task']['float']['utterances']} clips)"
+            ]
+            if report.get("task")
+            else []
+        ),
         f"- weights: {size['float32_bytes'] / 1e6:.2f} MB float32 -> {size['quantized_bytes'] / 1e6:.2f} MB "
         f"at {cfg['weight_bits']} bits"
         + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
@@ -197,16 +229,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report.get('target', 'reference')}",
         (f"- precision plan: {report['precision_plan']['summary']}\n" if report.get("precision_plan") else "")
         + f"- recipe: {report['recipe']['description']}"
-        + (f"; smoothed {sum(t['applied'] for t in report['transforms'])} of {len(report['transforms'])} "
-           "LayerNorm sites (table below)" if report["transforms"] else ""),
+        + (
+            f"; smoothed {sum(t['applied'] for t in report['transforms'])} of {len(report['transforms'])} "
+            "LayerNorm sites (table below)"
+            if report["transforms"]
+            else ""
+        ),
         f"- calibration time: {report['calibration_seconds']:.1f} s",
     ]
     pte = report.get("executorch")
     if pte:
-        lines.append(f"- ExecuTorch program model.pte: {pte['size_bytes'] / 1e6:.2f} MB; {pte['summary']}; "
-                     f"output SQNR vs the converted graph {pte['sqnr_db']:.1f} dB"
-                     + (f", vs float {pte['program_vs_float_db']:.1f} dB (graph: {pte['graph_vs_float_db']:.1f} dB)"
-                        if pte.get("program_vs_float_db") is not None else ""))
+        lines.append(
+            f"- ExecuTorch program model.pte: {pte['size_bytes'] / 1e6:.2f} MB; {pte['summary']}; "
+            f"output SQNR vs the converted graph {pte['sqnr_db']:.1f} dB"
+            + (
+                f", vs float {pte['program_vs_float_db']:.1f} dB (graph: {pte['graph_vs_float_db']:.1f} dB)"
+                if pte.get("program_vs_float_db") is not None
+                else ""
+            )
+        )
     esc = report.get("esc")
     if esc:
         lines += [
@@ -218,8 +259,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["transforms"]:
         lines += ["", "## Transforms", "", "| node | transform | applied | detail |", "|---|---|---|---|"]
-        lines += [f"| {t['node']} | {t['transform']} | {'yes' if t['applied'] else 'no'} | {t['detail']} |"
-                  for t in report["transforms"]]
+        lines += [
+            f"| {t['node']} | {t['transform']} | {'yes' if t['applied'] else 'no'} | {t['detail']} |"
+            for t in report["transforms"]
+        ]
     lines += [
         "",
         "## Layers (SQNR of each op's output, quantized vs float, first held-out batch)",
@@ -229,12 +272,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for row in report["layers"]:
         state = cfg["label"] if row["quantized"] else "float"
-        lines.append(f"| {row['node']} | {row['op']} | {row['module']} | {state} | {_fmt(row['sqnr_db'])} | "
-                     f"{row['reason']} |")
-    lines += ["", "## Activation ranges", "", "| observer | min | max | threshold | clip ratio | scale |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['node']} | {row['op']} | {row['module']} | {state} | {_fmt(row['sqnr_db'])} | "
+            f"{row['reason']} |"
+        )
+    lines += [
+        "",
+        "## Activation ranges",
+        "",
+        "| observer | min | max | threshold | clip ratio | scale |",
+        "|---|---|---|---|---|---|",
+    ]
     for a in report["activations"]:
         a = a if isinstance(a, dict) else a.__dict__
-        lines.append(f"| {a['label']} | {a['min']:.4g} | {a['max']:.4g} | {a['threshold']:.4g} | "
-                     f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |")
+        lines.append(
+            f"| {a['label']} | {a['min']:.4g} | {a['max']:.4g} | {a['threshold']:.4g} | "
+            f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |"
+        )
     return "\n".join(lines) + "\n"

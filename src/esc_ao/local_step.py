@@ -72,8 +72,9 @@ def _run(gm: GraphModule, node: Node, args: tuple[Any, ...], kwargs: dict[str, A
     raise NotImplementedError(f"cannot replay {node.op} node {node.name}")
 
 
-def _layer_error(gm: GraphModule, env: dict[Node, Any], site: Node, xq: torch.Tensor,
-                 path: list[Node], consumers: list[Node]) -> float:
+def _layer_error(
+    gm: GraphModule, env: dict[Node, Any], site: Node, xq: torch.Tensor, path: list[Node], consumers: list[Node]
+) -> float:
     local: dict[Node, Any] = {site: xq}
 
     def lookup(a: Node) -> Any:
@@ -156,8 +157,9 @@ def _argmin_last(errs: np.ndarray) -> int:
     return int(errs.size - 1 - np.argmin(errs[::-1]))
 
 
-def _dim_error(prepared: GraphModule, envs: list[dict[Node, Any]], dim: ScaleDim,
-               plans: list[tuple[Node, list[Node], list[Node]]]) -> Any:
+def _dim_error(
+    prepared: GraphModule, envs: list[dict[Node, Any]], dim: ScaleDim, plans: list[tuple[Node, list[Node], list[Node]]]
+) -> Any:
     """error(scale): the layer-output noise-to-signal ratio, summed over batches and over
     the tensors the observer watches (each quantized at its own call site)."""
     _, zp = dim.observer.qparams()

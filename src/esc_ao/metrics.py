@@ -55,8 +55,14 @@ def _edits(ref: str, hyp: str) -> tuple[int, int, int, int]:
     return out.substitutions, out.deletions, out.insertions, out.substitutions + out.deletions + out.hits
 
 
-def wer(references: Sequence[str], hypotheses: Sequence[str], *, normalize: bool = True,
-        seed: int = 0, resamples: int = 1000) -> Estimate:
+def wer(
+    references: Sequence[str],
+    hypotheses: Sequence[str],
+    *,
+    normalize: bool = True,
+    seed: int = 0,
+    resamples: int = 1000,
+) -> Estimate:
     """Corpus WER of ``hypotheses`` against ``references`` with a bootstrap 95 % interval.
 
     Raises:

@@ -123,8 +123,9 @@ class CTCLoss:
         for out, tgt, tlen in zip(outputs, self.targets, self.target_lengths):
             logp = F.log_softmax(first_tensor(out).float(), dim=-1)  # (B, T, C)
             in_len = torch.full((logp.shape[0],), logp.shape[1], dtype=torch.long)
-            losses.append(float(F.ctc_loss(logp.transpose(0, 1), tgt, in_len, tlen, blank=self.blank,
-                                           zero_infinity=True)))
+            losses.append(
+                float(F.ctc_loss(logp.transpose(0, 1), tgt, in_len, tlen, blank=self.blank, zero_infinity=True))
+            )
         return sum(losses) / len(losses)
 
 
@@ -192,6 +193,8 @@ _LABEL_FREE: dict[str, Callable[[], Objective]] = {"mse": OutputMSE, "kl": Logit
 def objective_by_name(name: str) -> Objective:
     """A label-free objective by name: 'mse' (output noise-to-signal) or 'kl' (logits)."""
     if name not in _LABEL_FREE:
-        raise ValueError(f"objective={name!r} is unknown: use one of {', '.join(_LABEL_FREE)} "
-                         "(or pass an Objective callable to esc_ao.calibrate)")
+        raise ValueError(
+            f"objective={name!r} is unknown: use one of {', '.join(_LABEL_FREE)} "
+            "(or pass an Objective callable to esc_ao.calibrate)"
+        )
     return _LABEL_FREE[name]()

@@ -65,8 +65,10 @@ def qrange(bits: int, *, weight: bool = False) -> tuple[int, int]:
         return (-127, 127) if weight else (-128, 127)
     if bits == 4:
         return (-8, 7)
-    raise ValueError(f"bits={bits!r} is not supported{' for weights' if weight else ''}: use 8 or 4"
-                     f"{'' if weight else ' (or 16 for activations)'}")
+    raise ValueError(
+        f"bits={bits!r} is not supported{' for weights' if weight else ''}: use 8 or 4"
+        f"{'' if weight else ' (or 16 for activations)'}"
+    )
 
 
 def fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
@@ -318,12 +320,14 @@ class PerChannelWeightObserver(UniformQuantizationObserverBase):
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         scale, zp = self.calculate_qparams()
         return torch.ops.quantized_decomposed.quantize_per_channel(
-            w, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+            w, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+        )
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         scale, zp = self.calculate_qparams()
         return torch.ops.quantized_decomposed.dequantize_per_channel(
-            q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+            q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+        )
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         if self.absmax.numel() == 0:
@@ -345,8 +349,10 @@ class GroupWeightObserver(PerChannelWeightObserver):
 
     def _groups(self, w: torch.Tensor) -> torch.Tensor:
         if w.dim() != 2 or w.shape[1] % self.group_size:
-            raise ValueError(f"weight {self.label} of shape {tuple(w.shape)} cannot take groups of "
-                             f"{self.group_size}: a 2-D (out, in) weight with in a multiple of the group is needed")
+            raise ValueError(
+                f"weight {self.label} of shape {tuple(w.shape)} cannot take groups of "
+                f"{self.group_size}: a 2-D (out, in) weight with in a multiple of the group is needed"
+            )
         return w.detach().float().reshape(w.shape[0], -1, self.group_size)
 
     def _absmax_of(self, w: torch.Tensor) -> torch.Tensor:
@@ -358,12 +364,14 @@ class GroupWeightObserver(PerChannelWeightObserver):
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         scale, zp = self.calculate_qparams()
         return torch.ops.quantized_decomposed.quantize_per_channel_group(
-            w, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size)
+            w, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size
+        )
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         scale, zp = self.calculate_qparams()
         return torch.ops.quantized_decomposed.dequantize_per_channel_group(
-            q, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size, torch.float32)
+            q, scale, zp, self.quant_min, self.quant_max, torch.int8, self.group_size, torch.float32
+        )
 
     def convert(self, model: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         """Replaces this observer's node by the group quantize/dequantize pair (called by
@@ -371,20 +379,25 @@ class GroupWeightObserver(PerChannelWeightObserver):
         once, so the program holds int8 levels, not the float weight."""
         weight_node = node.args[0]
         if not (isinstance(weight_node, torch.fx.Node) and weight_node.op == "get_attr"):
-            raise ValueError(f"group-wise weight observer {self.label} must watch a weight attribute, "
-                             f"not {weight_node}")
+            raise ValueError(
+                f"group-wise weight observer {self.label} must watch a weight attribute, " f"not {weight_node}"
+            )
         weight = resolve_attr(model, str(weight_node.target))
         scale, zp = self.calculate_qparams()
         stem = str(node.target)
-        for suffix, value in (("_group_int", self._quantize(weight.detach())), ("_group_scale", scale),
-                              ("_group_zero_point", zp)):
+        for suffix, value in (
+            ("_group_int", self._quantize(weight.detach())),
+            ("_group_scale", scale),
+            ("_group_zero_point", zp),
+        ):
             model.register_buffer(stem + suffix, value)
         graph = model.graph
         with graph.inserting_before(node):
             q, s, z = (graph.get_attr(stem + sfx) for sfx in ("_group_int", "_group_scale", "_group_zero_point"))
-            dq = graph.call_function(torch.ops.quantized_decomposed.dequantize_per_channel_group.default,
-                                     (q, s, z, self.quant_min, self.quant_max, torch.int8, self.group_size,
-                                      torch.float32))
+            dq = graph.call_function(
+                torch.ops.quantized_decomposed.dequantize_per_channel_group.default,
+                (q, s, z, self.quant_min, self.quant_max, torch.int8, self.group_size, torch.float32),
+            )
         dq.meta = dict(node.meta)
         node.replace_all_uses_with(dq)
         graph.erase_node(node)

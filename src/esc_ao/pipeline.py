@@ -117,8 +117,9 @@ def input_shapes(gm: GraphModule) -> list[tuple[int, ...] | None]:
     return shapes
 
 
-def check_batches(data: Iterable[Any], expected: Sequence[tuple[int, ...] | None] | None = None,
-                  what: str = "calibration data") -> list[Batch]:
+def check_batches(
+    data: Iterable[Any], expected: Sequence[tuple[int, ...] | None] | None = None, what: str = "calibration data"
+) -> list[Batch]:
     """``as_batches`` plus the checks a user's data needs before minutes of work: every
     input a tensor, floating-point inputs finite, and, with ``expected`` (e.g.
     ``input_shapes(graph)``), as many inputs per batch as the model takes, of its shapes.
@@ -129,8 +130,9 @@ def check_batches(data: Iterable[Any], expected: Sequence[tuple[int, ...] | None
     batches = as_batches(data)
     for i, batch in enumerate(batches):
         if expected is not None and len(batch) != len(expected):
-            raise CalibrationDataError(f"{what}: batch {i} has {len(batch)} input(s), the model takes "
-                                       f"{len(expected)}")
+            raise CalibrationDataError(
+                f"{what}: batch {i} has {len(batch)} input(s), the model takes " f"{len(expected)}"
+            )
         for j, x in enumerate(batch):
             if not isinstance(x, torch.Tensor):
                 raise CalibrationDataError(f"{what}: batch {i} input {j} is a {type(x).__name__}, not a tensor")
@@ -138,8 +140,9 @@ def check_batches(data: Iterable[Any], expected: Sequence[tuple[int, ...] | None
                 raise CalibrationDataError(f"{what}: batch {i} input {j} has NaN or Inf values; clean or drop it")
             want = expected[j] if expected is not None else None
             if want is not None and tuple(x.shape) != want:
-                raise CalibrationDataError(f"{what}: batch {i} input {j} has shape {tuple(x.shape)}, the model "
-                                           f"takes {want}")
+                raise CalibrationDataError(
+                    f"{what}: batch {i} input {j} has shape {tuple(x.shape)}, the model " f"takes {want}"
+                )
     return batches
 
 

@@ -69,16 +69,25 @@ class PrecisionPlan:
         return quantizer
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "raised_macs": self.raised_macs, "total_macs": self.total_macs,
-                "baseline_objective": self.baseline_objective, "raised": [asdict(g) for g in self.raised],
-                "candidates": [asdict(g) for g in self.candidates]}
+        return {
+            "budget": self.budget,
+            "raised_macs": self.raised_macs,
+            "total_macs": self.total_macs,
+            "baseline_objective": self.baseline_objective,
+            "raised": [asdict(g) for g in self.raised],
+            "candidates": [asdict(g) for g in self.candidates],
+        }
 
     def summary(self) -> str:
         share = self.raised_macs / max(self.total_macs, 1)
-        names = ", ".join(g.modules[0] + (f" (+{len(g.modules) - 1})" if len(g.modules) > 1 else "")
-                          for g in self.raised) or "nothing"
-        return (f"raised {len(self.raised)} of {len(self.candidates)} groups, {100 * share:.1f} % of "
-                f"multiply-accumulates (budget {100 * self.budget:.1f} %): {names}")
+        names = (
+            ", ".join(g.modules[0] + (f" (+{len(g.modules) - 1})" if len(g.modules) > 1 else "") for g in self.raised)
+            or "nothing"
+        )
+        return (
+            f"raised {len(self.raised)} of {len(self.candidates)} groups, {100 * share:.1f} % of "
+            f"multiply-accumulates (budget {100 * self.budget:.1f} %): {names}"
+        )
 
 
 def _macs(node: Node) -> int:
@@ -102,8 +111,14 @@ def _groups(prepared: GraphModule, observers: dict[str, Any]) -> dict[str, tuple
         if node.op != "call_function" or OP_ROLES.get(node.target) != "weighted":
             continue
         x, w = node.args[0], node.args[1]
-        if not (isinstance(x, Node) and x.op == "call_module" and str(x.target) in observers
-                and isinstance(w, Node) and w.op == "call_module" and str(w.target) in observers):
+        if not (
+            isinstance(x, Node)
+            and x.op == "call_module"
+            and str(x.target) in observers
+            and isinstance(w, Node)
+            and w.op == "call_module"
+            and str(w.target) in observers
+        ):
             continue  # not quantized (kept float) or dynamic (its input has no esc_ao observer)
         stack = node.meta.get("nn_module_stack") or {}
         module = str(list(stack.values())[-1][0]) if stack else node.name
@@ -115,8 +130,9 @@ def _groups(prepared: GraphModule, observers: dict[str, Any]) -> dict[str, tuple
 
 
 @torch.no_grad()
-def plan_precision(prepared: GraphModule, batches: Sequence[Batch], budget: float,
-                   objective: Objective | None = None) -> PrecisionPlan:
+def plan_precision(
+    prepared: GraphModule, batches: Sequence[Batch], budget: float, objective: Objective | None = None
+) -> PrecisionPlan:
     """Measures every group's sensitivity on ``batches`` (an observed prepared model) and
     raises groups, most objective per multiply-accumulate first, within ``budget`` (a
     fraction of the weighted ops' multiply-accumulates in [0, 1]).
@@ -131,8 +147,10 @@ def plan_precision(prepared: GraphModule, batches: Sequence[Batch], budget: floa
     observers = dict(iter_observers(prepared))
     groups = _groups(prepared, observers)
     if not groups:
-        raise ValueError("the prepared model has no quantized linear or conv to plan: prepare it with a quantizer "
-                         "that annotates weighted ops, and observe it, first")
+        raise ValueError(
+            "the prepared model has no quantized linear or conv to plan: prepare it with a quantizer "
+            "that annotates weighted ops, and observe it, first"
+        )
     batches = list(batches)
     with observer_mode(prepared, observing=False, fake_quant=False):
         references = [prepared(*b) for b in batches]
@@ -143,15 +161,18 @@ def plan_precision(prepared: GraphModule, batches: Sequence[Batch], budget: floa
             switched = [observers[tensor]] + [observers[w] for w in weights]
             for obs in switched:
                 obs.fake_quant = False
-            measured.append(LayerGroup(tensor, tuple(modules), macs,
-                                       objective([prepared(*b) for b in batches], references)))
+            measured.append(
+                LayerGroup(tensor, tuple(modules), macs, objective([prepared(*b) for b in batches], references))
+            )
             for obs in switched:
                 obs.fake_quant = True
     total = sum(g.macs for g in measured)
     cheapest = min((g.macs for g in measured if g.macs > 0), default=0) / max(total, 1)
     if 0.0 < budget < cheapest:
-        raise ValueError(f"budget={budget!r} is below the cheapest group's share of multiply-accumulates: the "
-                         f"smallest feasible budget is {cheapest:.4f} (or 0 for no mixed precision)")
+        raise ValueError(
+            f"budget={budget!r} is below the cheapest group's share of multiply-accumulates: the "
+            f"smallest feasible budget is {cheapest:.4f} (or 0 for no mixed precision)"
+        )
     ranked = sorted(measured, key=lambda g: -(baseline - g.objective) / max(g.macs, 1))
     raised: list[LayerGroup] = []
     spent = 0

@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import difflib
-
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,8 +46,8 @@ from esc_ao.observers import (
     GroupWeightObserver,
     MaxObserver,
     MSEObserver,
-    PerChannelWeightObserver,
     PercentileObserver,
+    PerChannelWeightObserver,
     qrange,
 )
 
@@ -65,10 +64,20 @@ _OBSERVER_BY_METHOD: dict[str, type[ActivationObserver]] = {
 # Float ops whose outputs are worth naming in the report: they compute in float, and
 # their outputs are quantized by the quantized ops that consume them.
 _FLOAT_COMPUTE = {
-    "aten.gelu.default", "aten.silu.default", "aten.glu.default", "aten.softmax.int",
-    "aten._softmax.default", "aten.sigmoid.default", "aten.tanh.default", "aten.relu.default",
-    "aten.group_norm.default", "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
-    "aten.embedding.default", "aten.div.Tensor", "aten.masked_fill.Scalar",
+    "aten.gelu.default",
+    "aten.silu.default",
+    "aten.glu.default",
+    "aten.softmax.int",
+    "aten._softmax.default",
+    "aten.sigmoid.default",
+    "aten.tanh.default",
+    "aten.relu.default",
+    "aten.group_norm.default",
+    "aten.batch_norm.default",
+    "aten._native_batch_norm_legit_no_training.default",
+    "aten.embedding.default",
+    "aten.div.Tensor",
+    "aten.masked_fill.Scalar",
 }
 
 
@@ -133,21 +142,30 @@ class EscQuantizer(Quantizer):
             multiply-accumulates off int8: the context matmul runs 16 x 8 bits.
     """
 
-    def __init__(self, config: QuantConfig | None = None, target: Target = "reference",
-                 residual: ResidualPrecision = "int8", attention_probs: Literal["int8", "int16"] = "int8") -> None:
+    def __init__(
+        self,
+        config: QuantConfig | None = None,
+        target: Target = "reference",
+        residual: ResidualPrecision = "int8",
+        attention_probs: Literal["int8", "int16"] = "int8",
+    ) -> None:
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
         if residual not in RESIDUAL_PRECISIONS:
             raise ValueError(f"residual={residual!r} is not one of {', '.join(RESIDUAL_PRECISIONS)}")
         if residual == "int16" and target == "xnnpack":
-            raise ValueError("residual='int16' needs 16-bit integer kernels, which target='xnnpack' lacks: "
-                             "use residual='float' there (or target='reference')")
+            raise ValueError(
+                "residual='int16' needs 16-bit integer kernels, which target='xnnpack' lacks: "
+                "use residual='float' there (or target='reference')"
+            )
         if attention_probs not in ("int8", "int16"):
             raise ValueError(f"attention_probs={attention_probs!r} is not one of int8, int16")
         if attention_probs == "int16" and target == "xnnpack":
-            raise ValueError("attention_probs='int16' on target='xnnpack': XNNPACK runs the attention matmuls in "
-                             "float already; use the reference target")
+            raise ValueError(
+                "attention_probs='int16' on target='xnnpack': XNNPACK runs the attention matmuls in "
+                "float already; use the reference target"
+            )
         self.target: Target = target
         self.residual: ResidualPrecision = residual
         self.attention_probs = attention_probs
@@ -205,9 +223,11 @@ class EscQuantizer(Quantizer):
         if config not in self._specs:
             if config.weight_group is not None and self.target == "xnnpack":
                 # XNNPACK's group-wise (qb4w) GEMMs take dynamically quantized inputs only.
-                raise ValueError(f"QuantConfig.weight_group={config.weight_group} on target='xnnpack': XNNPACK runs "
-                                 "group-wise weights only with dynamic int8 inputs (its 8da4w GEMMs), not with "
-                                 "static activations; use weight_group=None there, or target='reference'")
+                raise ValueError(
+                    f"QuantConfig.weight_group={config.weight_group} on target='xnnpack': XNNPACK runs "
+                    "group-wise weights only with dynamic int8 inputs (its 8da4w GEMMs), not with "
+                    "static activations; use weight_group=None there, or target='reference'"
+                )
             self._specs[config] = _build_specs(config)
         return self._specs[config]
 
@@ -243,16 +263,21 @@ class EscQuantizer(Quantizer):
                 if name:  # the root module has the empty name
                     present["module name"].add(name)
                 present["module type"].add(type_name)
-        for kind, wanted in (("module name", self.module_name_config), ("module type", self.module_type_config),
-                             ("node name", self.node_name_config)):
+        for kind, wanted in (
+            ("module name", self.module_name_config),
+            ("module type", self.module_type_config),
+            ("node name", self.node_name_config),
+        ):
             for key in wanted:
                 if key in present[kind]:
                     continue
                 close = difflib.get_close_matches(key, sorted(present[kind]), n=3, cutoff=0.5)
                 hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(sorted(present[kind])[:3])}"
-                raise ValueError(f"{kind} {key!r} (set_{kind.replace(' ', '_')}"
-                                 f"{', --keep-float' if kind == 'module name' else ''}) matches nothing in the "
-                                 f"exported graph; {hint}")
+                raise ValueError(
+                    f"{kind} {key!r} (set_{kind.replace(' ', '_')}"
+                    f"{', --keep-float' if kind == 'module name' else ''}) matches nothing in the "
+                    f"exported graph; {hint}"
+                )
 
     def _annotate_one(self, node: Node) -> AnnotationRecord | None:
         op = str(node.target)
@@ -260,8 +285,14 @@ class EscQuantizer(Quantizer):
         module = _module_path(node)[-1][0] if _module_path(node) else ""
         if role is None:
             if op in _FLOAT_COMPUTE:
-                return AnnotationRecord(node.name, op, module, False, "-",
-                                        "computed in float; output quantized where a quantized op consumes it")
+                return AnnotationRecord(
+                    node.name,
+                    op,
+                    module,
+                    False,
+                    "-",
+                    "computed in float; output quantized where a quantized op consumes it",
+                )
             return None
         config, source = self.config_for(node)
         if role == "passthrough":
@@ -278,14 +309,19 @@ class EscQuantizer(Quantizer):
             return AnnotationRecord(node.name, op, module, False, "float", skip)
         residual = node in self._residual
         if residual and self.residual == "float":
-            return AnnotationRecord(node.name, op, module, False, "float",
-                                    "residual stream kept float (residual='float')")
-        stream = frozenset(float_tensor_inputs(node) if residual else
-                           (a for a in node.args if isinstance(a, Node) and a in self._residual))
+            return AnnotationRecord(
+                node.name, op, module, False, "float", "residual stream kept float (residual='float')"
+            )
+        stream = frozenset(
+            float_tensor_inputs(node)
+            if residual
+            else (a for a in node.args if isinstance(a, Node) and a in self._residual)
+        )
         wide = stream if self.residual == "int16" else frozenset()
         if self.attention_probs == "int16" and role == "matmul":
-            wide = wide | frozenset(a for a in node.args if isinstance(a, Node) and a.op == "call_function"
-                                    and a.target in _SOFTMAX)
+            wide = wide | frozenset(
+                a for a in node.args if isinstance(a, Node) and a.op == "call_function" and a.target in _SOFTMAX
+            )
         unquantized = stream if self.residual == "float" else frozenset()
         # On the XNNPACK target a float output is a graph output, or (residual="float") a
         # linear writing the float stream: XNNPACK runs both as dynamic int8 GEMMs. Measured
@@ -294,15 +330,28 @@ class EscQuantizer(Quantizer):
         writes_stream = self.residual == "float" and role == "weighted" and any(u in self._residual for u in node.users)
         float_out = self.target == "xnnpack" and (node in self._outputs or writes_stream)
         if not annotate_node(node, role, self.specs(config), self.target, wide, unquantized, float_out):
-            return AnnotationRecord(node.name, op, module, False, "float",
-                                    "a graph output: kept float (quantizing it would only round it)" if float_out
-                                    else "fewer than two tensor operands (scalar operand folds into the scale)")
-        detail = {"weighted": "per-channel weight, per-tensor input",
-                  "binary": "per-tensor inputs", "matmul": "per-tensor inputs",
-                  "norm": "per-tensor input and output"}[role]
+            return AnnotationRecord(
+                node.name,
+                op,
+                module,
+                False,
+                "float",
+                "a graph output: kept float (quantizing it would only round it)"
+                if float_out
+                else "fewer than two tensor operands (scalar operand folds into the scale)",
+            )
+        detail = {
+            "weighted": "per-channel weight, per-tensor input",
+            "binary": "per-tensor inputs",
+            "matmul": "per-tensor inputs",
+            "norm": "per-tensor input and output",
+        }[role]
         if self.target == "xnnpack":
-            detail = {"weighted": "per-channel weight, per-tensor input and output",
-                      "binary": "per-tensor inputs and output", "norm": "per-tensor output"}[role]
+            detail = {
+                "weighted": "per-channel weight, per-tensor input and output",
+                "binary": "per-tensor inputs and output",
+                "norm": "per-tensor output",
+            }[role]
         if uses_groups(node, config.weight_group):
             detail = detail.replace("per-channel weight", f"group-{config.weight_group} weight")
         if wide & stream:
@@ -310,10 +359,13 @@ class EscQuantizer(Quantizer):
         if wide - stream:
             detail += ", attention probabilities on a 16-bit grid"
         if float_out:
-            detail = ("per-channel weight, dynamic int8 input, float output "
-                      f"({'a graph output' if node in self._outputs else 'writes the float residual stream'})")
-        return AnnotationRecord(node.name, op, module, True, config.label,
-                                f"{config.method} calibration, {detail} ({source})")
+            detail = (
+                "per-channel weight, dynamic int8 input, float output "
+                f"({'a graph output' if node in self._outputs else 'writes the float residual stream'})"
+            )
+        return AnnotationRecord(
+            node.name, op, module, True, config.label, f"{config.method} calibration, {detail} ({source})"
+        )
 
     def validate(self, model: GraphModule) -> None:
         return None
@@ -389,13 +441,18 @@ def _build_specs(config: QuantConfig) -> Specs:
         ch_axis=0,
         observer_or_fake_quant_ctr=PerChannelWeightObserver,
     )
-    grouped = None if config.weight_group is None else QuantizationSpec(
-        dtype=torch.int8,
-        quant_min=wmin,
-        quant_max=wmax,
-        qscheme=torch.per_channel_symmetric,
-        ch_axis=0,
-        observer_or_fake_quant_ctr=GroupWeightObserver.with_args(group_size=config.weight_group),
+    grouped = (
+        None
+        if config.weight_group is None
+        else QuantizationSpec(
+            dtype=torch.int8,
+            quant_min=wmin,
+            quant_max=wmax,
+            qscheme=torch.per_channel_symmetric,
+            ch_axis=0,
+            observer_or_fake_quant_ctr=GroupWeightObserver.with_args(group_size=config.weight_group),
+        )
     )
-    return Specs(activation=act, weight=weight, wide=wide, dynamic=dynamic, grouped=grouped,
-                 group_size=config.weight_group)
+    return Specs(
+        activation=act, weight=weight, wide=wide, dynamic=dynamic, grouped=grouped, group_size=config.weight_group
+    )

@@ -85,42 +85,65 @@ class Recipe:
         if self.weight_group is not None:
             QuantConfig(weight_group=self.weight_group)  # the same check, where the recipe is written
             if self.target == "xnnpack":
-                raise ValueError(f"weight_group={self.weight_group} on the XNNPACK target: XNNPACK runs group-wise "
-                                 "weights only with dynamic int8 inputs; drop +g/--weight-group or use the reference "
-                                 "target")
+                raise ValueError(
+                    f"weight_group={self.weight_group} on the XNNPACK target: XNNPACK runs group-wise "
+                    "weights only with dynamic int8 inputs; drop +g/--weight-group or use the reference "
+                    "target"
+                )
         if self.act_order and not self.gptq:
             raise ValueError("act_order=True needs gptq=True (recipe flag +gptqa)")
-        if self.rotate_block is not None and (not self.rotate or self.rotate_block < 2
-                                              or self.rotate_block & (self.rotate_block - 1)):
-            raise ValueError(f"rotate_block={self.rotate_block!r} needs rotate=True and a power of two >= 2 "
-                             "(recipe flag +hadN, e.g. +had64)")
+        if self.rotate_block is not None and (
+            not self.rotate or self.rotate_block < 2 or self.rotate_block & (self.rotate_block - 1)
+        ):
+            raise ValueError(
+                f"rotate_block={self.rotate_block!r} needs rotate=True and a power of two >= 2 "
+                "(recipe flag +hadN, e.g. +had64)"
+            )
         if self.precision_budget is not None and not 0.0 < self.precision_budget <= 1.0:
-            raise ValueError(f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
-                             "multiply-accumulates), or None for no mixed precision")
+            raise ValueError(
+                f"precision_budget={self.precision_budget!r} must lie in (0, 1] (a fraction of the "
+                "multiply-accumulates), or None for no mixed precision"
+            )
         # the same checks EscQuantizer makes, at the place the recipe is written
         if self.probs16 and self.target == "xnnpack":
-            raise ValueError("attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK runs "
-                             "the attention matmuls in float already; drop +p16 or use the reference target")
+            raise ValueError(
+                "attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK runs "
+                "the attention matmuls in float already; drop +p16 or use the reference target"
+            )
         if self.residual == "int16" and self.target == "xnnpack":
-            raise ValueError("residual stream 'int16' on the XNNPACK target: XNNPACK has no 16-bit kernels; use "
-                             "'float' (recipe +xnn+rf, --residual float) or the reference target")
+            raise ValueError(
+                "residual stream 'int16' on the XNNPACK target: XNNPACK has no 16-bit kernels; use "
+                "'float' (recipe +xnn+rf, --residual float) or the reference target"
+            )
 
     @property
     def suffix(self) -> str:
         """``+r16+sq`` style; empty for the plain recipe."""
-        flags = (["xnn"] if self.target == "xnnpack" else []) + \
-            [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual] + (["p16"] if self.probs16 else []) + \
-            ([f"had{self.rotate_block or ''}"] if self.rotate else []) + (["sq"] if self.smooth else []) + \
-            ([("gptqa" if self.act_order else "gptq")] if self.gptq else []) + (["t8"] if self.tied_8bit else []) + \
-            ([f"g{self.weight_group}"] if self.weight_group is not None else []) + \
-            ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
+        flags = (
+            (["xnn"] if self.target == "xnnpack" else [])
+            + [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual]
+            + (["p16"] if self.probs16 else [])
+            + ([f"had{self.rotate_block or ''}"] if self.rotate else [])
+            + (["sq"] if self.smooth else [])
+            + ([("gptqa" if self.act_order else "gptq")] if self.gptq else [])
+            + (["t8"] if self.tied_8bit else [])
+            + ([f"g{self.weight_group}"] if self.weight_group is not None else [])
+            + ([f"mp{100 * self.precision_budget:g}"] if self.precision_budget is not None else [])
+        )
         return "".join(f"+{f}" for f in flags)
 
     def describe(self) -> str:
-        parts = [RECIPE_FLAGS[f] if f in RECIPE_FLAGS else
-                 f"Hadamard-rotated residual stream and {f[3:]}-channel blocks into MLP linears" if f.startswith("had")
-                 else f"group-{f[1:]} weights" if f.startswith("g") else f"mixed precision within {f[2:]} % of MACs"
-                 for f in self.suffix.split("+") if f]
+        parts = [
+            RECIPE_FLAGS[f]
+            if f in RECIPE_FLAGS
+            else f"Hadamard-rotated residual stream and {f[3:]}-channel blocks into MLP linears"
+            if f.startswith("had")
+            else f"group-{f[1:]} weights"
+            if f.startswith("g")
+            else f"mixed precision within {f[2:]} % of MACs"
+            for f in self.suffix.split("+")
+            if f
+        ]
         return ", ".join(parts) or "plain (reference target, int8 residual stream, no transforms)"
 
     def configure(self, config: QuantConfig) -> QuantConfig:
@@ -136,19 +159,22 @@ class Recipe:
         if self.rotate:
             records += rotate(gm, mlp_block=self.rotate_block)
         if self.smooth:
-            records += smooth(gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits,
-                              weight_bits=config.weight_bits)
+            records += smooth(
+                gm, list(batches)[:SMOOTH_BATCHES], act_bits=config.act_bits, weight_bits=config.weight_bits
+            )
         if self.gptq:
-            records += gptq(gm, list(batches)[:GPTQ_BATCHES], config.weight_bits, config.weight_group,
-                            act_order=self.act_order)
+            records += gptq(
+                gm, list(batches)[:GPTQ_BATCHES], config.weight_bits, config.weight_group, act_order=self.act_order
+            )
         return records
 
     def quantizer(self, config: QuantConfig, graph: GraphModule | None = None) -> EscQuantizer:
         """EscQuantizer for this recipe; with ``graph`` (the exported graph it will prepare)
         and ``tied_8bit``, its tied-weight linears get 8-bit weights under a 4-bit config."""
         config = self.configure(config)
-        quantizer = EscQuantizer(config, target=self.target, residual=self.residual,
-                                 attention_probs="int16" if self.probs16 else "int8")
+        quantizer = EscQuantizer(
+            config, target=self.target, residual=self.residual, attention_probs="int16" if self.probs16 else "int8"
+        )
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
                 quantizer.set_node_name(name, dataclasses.replace(config, weight_bits=8))
@@ -162,12 +188,15 @@ class Recipe:
                 # could help, so its input keeps 8 bits, as an integer Hadamard transform
                 # (additions only) would. A d x d rotation's weight is not +-1/sqrt(d) alone:
                 # 4 bits would round it; a block one's is exact on any grid.
-                quantizer.set_node_name(node.name, dataclasses.replace(
-                    config, act_bits=8, weight_bits=8 if kind == "dense" else config.weight_bits))
+                quantizer.set_node_name(
+                    node.name,
+                    dataclasses.replace(config, act_bits=8, weight_bits=8 if kind == "dense" else config.weight_bits),
+                )
         return quantizer
 
-    def prepare(self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig,
-                keep_float: Sequence[str] = ()) -> Prepared:
+    def prepare(
+        self, gm: GraphModule, batches: Sequence[Batch], config: QuantConfig, keep_float: Sequence[str] = ()
+    ) -> Prepared:
         """Transforms ``gm`` (in place), prepares and observes it; with a precision budget,
         measures the plan on the observed model, then prepares and observes a copy of the
         transformed graph again with the plan's overrides."""
@@ -180,8 +209,11 @@ class Recipe:
         if budget is None or pristine is None:
             return Prepared(prepared, quantizer, transforms, None)
         plan = plan_precision(prepared, list(batches)[:PLAN_BATCHES], budget)
-        higher = None if (config.weight_bits, config.act_bits) == (8, 8) else \
-            dataclasses.replace(self.configure(config), weight_bits=8, act_bits=8)
+        higher = (
+            None
+            if (config.weight_bits, config.act_bits) == (8, 8)
+            else dataclasses.replace(self.configure(config), weight_bits=8, act_bits=8)
+        )
         quantizer = plan.apply(self._with_float(self.quantizer(config, pristine), keep_float), higher)
         prepared = prepare(pristine, quantizer)
         observe(prepared, batches)
@@ -213,13 +245,18 @@ def split_method(method: str) -> tuple[str, Recipe]:
             mixed-precision budget that is not a percentage.
     """
     base, *flags = method.split("+")
-    unknown = [f for f in flags if f not in RECIPE_FLAGS and not f.startswith("mp") and not _is_group(f)
-               and not _is_rotation(f)]
+    unknown = [
+        f
+        for f in flags
+        if f not in RECIPE_FLAGS and not f.startswith("mp") and not _is_group(f) and not _is_rotation(f)
+    ]
     if unknown:
-        raise ValueError(f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
-                         + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items())
-                         + ", +hadN (rotation with N-channel online MLP blocks), +gN (group-wise weights, N a power "
-                         "of two >= 8), +mpN (mixed precision)")
+        raise ValueError(
+            f"method {method!r}: unknown recipe flag(s) {', '.join(unknown)}; use "
+            + ", ".join(f"+{f} ({d})" for f, d in RECIPE_FLAGS.items())
+            + ", +hadN (rotation with N-channel online MLP blocks), +gN (group-wise weights, N a power "
+            "of two >= 8), +mpN (mixed precision)"
+        )
     groups = [int(f[1:]) for f in flags if _is_group(f)]
     flags = [f for f in flags if not _is_group(f)]
     if len(groups) > 1:
@@ -231,20 +268,29 @@ def split_method(method: str) -> tuple[str, Recipe]:
     budgets = [f for f in flags if f.startswith("mp")]
     flags = [f for f in flags if not f.startswith("mp")]
     if len(budgets) > 1 or any(not _is_percent(b[2:]) for b in budgets):
-        raise ValueError(f"method {method!r}: one mixed-precision flag +mpN at most, N a percentage of the "
-                         "multiply-accumulates in (0, 100], e.g. +mp10")
-    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1 \
-            or {"gptq", "gptqa"} <= set(flags):
-        raise ValueError(f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf) and one GPTQ "
-                         "flag (+gptq or +gptqa)")
+        raise ValueError(
+            f"method {method!r}: one mixed-precision flag +mpN at most, N a percentage of the "
+            "multiply-accumulates in (0, 100], e.g. +mp10"
+        )
+    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1 or {"gptq", "gptqa"} <= set(flags):
+        raise ValueError(
+            f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf) and one GPTQ "
+            "flag (+gptq or +gptqa)"
+        )
     residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
-    return base, Recipe(target="xnnpack" if "xnn" in flags else "reference", residual=residual,
-                        smooth="sq" in flags, gptq="gptq" in flags or "gptqa" in flags,
-                        act_order="gptqa" in flags, tied_8bit="t8" in flags,
-                        weight_group=groups[0] if groups else None,
-                        precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
-                        probs16="p16" in flags, rotate=bool(rotations), rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:]
-                        else None)
+    return base, Recipe(
+        target="xnnpack" if "xnn" in flags else "reference",
+        residual=residual,
+        smooth="sq" in flags,
+        gptq="gptq" in flags or "gptqa" in flags,
+        act_order="gptqa" in flags,
+        tied_8bit="t8" in flags,
+        weight_group=groups[0] if groups else None,
+        precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
+        probs16="p16" in flags,
+        rotate=bool(rotations),
+        rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:] else None,
+    )
 
 
 def _is_rotation(flag: str) -> bool:

@@ -104,8 +104,16 @@ class ObserverStats:
         amax = obs.amax
         lo, hi = obs.clip_range()
         threshold = max(-lo, hi)
-        return cls(obs.label, obs.method, float(obs.min_val), float(obs.max_val), threshold, scale, zp,
-                   threshold / amax if amax > 0 else 1.0)
+        return cls(
+            obs.label,
+            obs.method,
+            float(obs.min_val),
+            float(obs.max_val),
+            threshold,
+            scale,
+            zp,
+            threshold / amax if amax > 0 else 1.0,
+        )
 
 
 def observer_stats(prepared: torch.nn.Module) -> list[ObserverStats]:

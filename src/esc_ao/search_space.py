@@ -57,9 +57,11 @@ class SearchableObserver(ObserverBase):
         scale, zp = self.calculate_qparams()
         if self.per_channel:
             q = torch.ops.quantized_decomposed.quantize_per_channel(
-                x, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+                x, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+            )
             return torch.ops.quantized_decomposed.dequantize_per_channel(
-                q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8)
+                q, scale, zp, self.ch_axis, self.quant_min, self.quant_max, torch.int8
+            )
         return fake_quantize(x, float(scale), int(zp), self.quant_min, self.quant_max)
 
     def _statistics_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

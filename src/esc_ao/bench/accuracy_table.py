@@ -12,20 +12,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench import cells as cellkeys
 from esc_ao.bench.cells import BITS, EVAL_SETS, KEY_KINDS, MODEL_EVAL_SETS, MODELS, AccuracySettings, key_kind
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.numerics import NUMERICS
-from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["TABLE_METHODS", "render", "stale_cells"]
 
 # The table's rows per bit width, in order: each calibration method plain, then with the
 # recipes (esc_ao.recipe) the benchmark computes, then the dynamic-activation baseline.
-TABLE_RECIPES = ("", "+r16", "+r16+sq", "+r16+sq+gptq", "+r16+sq+gptq+mp10", "+xnn", "+xnn+rf+sq",
-                 "+xnn+rf+sq+gptq")
-TABLE_METHODS: tuple[str, ...] = tuple(m + r for r in TABLE_RECIPES for m in BENCH_METHODS
-                                       if m != DYNAMIC_METHOD) + (DYNAMIC_METHOD,)
+TABLE_RECIPES = ("", "+r16", "+r16+sq", "+r16+sq+gptq", "+r16+sq+gptq+mp10", "+xnn", "+xnn+rf+sq", "+xnn+rf+sq+gptq")
+TABLE_METHODS: tuple[str, ...] = tuple(m + r for r in TABLE_RECIPES for m in BENCH_METHODS if m != DYNAMIC_METHOD) + (
+    DYNAMIC_METHOD,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,17 @@ def stale_cells(cells: Path, versions: dict[tuple[str, str], dict[str, str]] | N
     weights or data; any settings). Pairs whose key cannot be computed here are never
     judged stale."""
     versions = _versions() if versions is None else versions
-    return sorted(path for (model, eval_set), current in versions.items()
-                  for path in (cells / model / eval_set).glob("*.json")
-                  if not path.stem.endswith(tuple(f"-{v}" for v in current.values())))
+    return sorted(
+        path
+        for (model, eval_set), current in versions.items()
+        for path in (cells / model / eval_set).glob("*.json")
+        if not path.stem.endswith(tuple(f"-{v}" for v in current.values()))
+    )
 
 
-def _collect(cells: Path, settings: AccuracySettings,
-             versions: dict[tuple[str, str], dict[str, str]]) -> list[dict[str, Any]]:
+def _collect(
+    cells: Path, settings: AccuracySettings, versions: dict[tuple[str, str], dict[str, str]]
+) -> list[dict[str, Any]]:
     """Every cell present for these settings and the current keys, in table order (per
     model: float first, then bits x methods; evaluation sets real first); methods outside
     TABLE_METHODS (other recipes) follow the listed ones."""
@@ -113,12 +117,16 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
     sets = [e for e in EVAL_SETS if any(r["eval_set"] == e for r in mrows)]
     wall = sum(r["calibration_seconds"] + r.get("eval_seconds", 0.0) for r in mrows)
     sizes = {e: next((r["n"] for r in mrows if r["eval_set"] == e), 0) for e in sets}
-    lines = [f"## {model} ({'WER, lower is better' if metric == 'wer' else 'accuracy, higher is better'})", "",
-             f"{len(mrows)} cells, {wall / 60:.0f} min of calibration and evaluation in all. Test sets: "
-             + "; ".join(f"{_SET_TITLES[e]} {sizes[e]} {'utterances' if metric == 'wer' else 'clips'}" for e in sets)
-             + ".", "",
-             "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
-             "|---|---|" + "---|" * len(sets) + "---|"]
+    lines = [
+        f"## {model} ({'WER, lower is better' if metric == 'wer' else 'accuracy, higher is better'})",
+        "",
+        f"{len(mrows)} cells, {wall / 60:.0f} min of calibration and evaluation in all. Test sets: "
+        + "; ".join(f"{_SET_TITLES[e]} {sizes[e]} {'utterances' if metric == 'wer' else 'clips'}" for e in sets)
+        + ".",
+        "",
+        "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
+        "|---|---|" + "---|" * len(sets) + "---|",
+    ]
     by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
     for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in _methods(mrows)]:
         cols = [by.get((e, method, bits)) for e in sets]
@@ -129,42 +137,61 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _write_outputs(rows: list[dict[str, Any]], out: Path, settings: AccuracySettings,
-                   versions: dict[tuple[str, str], dict[str, str]], n_stale: int) -> None:
+def _write_outputs(
+    rows: list[dict[str, Any]],
+    out: Path,
+    settings: AccuracySettings,
+    versions: dict[tuple[str, str], dict[str, str]],
+    n_stale: int,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "accuracy.json", {"settings": asdict(settings), "numerics": NUMERICS,
-                                              "versions": {f"{m}/{e}": v for (m, e), v in versions.items()},
-                                              "rows": rows})
+    write_json_atomic(
+        out / "accuracy.json",
+        {
+            "settings": asdict(settings),
+            "numerics": NUMERICS,
+            "versions": {f"{m}/{e}": v for (m, e), v in versions.items()},
+            "rows": rows,
+        },
+    )
     machines = sorted({r.get("machine", "?") for r in rows})
-    lines = ["# Accuracy benchmark: calibration methods x bit widths", "",
-             f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
-             f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, evaluation set, "
-             f"method, bits, seed and key). Machines: {'; '.join(machines)}.", "",
-             f"Numerics versions: {', '.join(f'{k} {v}' for k, v in NUMERICS.items())}. "
-             f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
-             f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
-             f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
-             "(WER: utterance bootstrap; accuracy: Wilson). Calibration methods: full integer quantization "
-             "(EscQuantizer, reference target). "
-             "Recipe suffixes (esc_ao.recipe): +xnn, the XNNPACK target (linear, conv, add and mul as int8 "
-             "kernels with int8 outputs, attention matmuls and softmax float, graph outputs float); +rf, the "
-             "residual stream's adds and the LayerNorm inputs they feed in float, the linears writing it as dynamic "
-             "int8 GEMMs; +gptq, GPTQ rounding of the linears' weights; +t8, tied output projections at 8-bit "
-             "weights under 4-bit ones; +gN, group-wise linear weights (one scale per N input channels of each "
-             "output channel, a float32 scale per group counted in the size); +mpN, mixed precision: the layer "
-             "groups that cost the objective most per multiply-accumulate, within N % of them, raised (to float "
-             "at W8A8, to W8A8 under 4 bits; "
-             "esc_ao.precision); +r16, the residual stream (every add a LayerNorm reads, and "
-             "those LayerNorms' inputs) on a 16-bit integer grid; +sq, SmoothQuant-style smoothing of every "
-             "LayerNorm -> linear site, alpha per site from calibration data. "
-             "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
-             "asymmetric) on the linears only (W8A8: int8 weights per channel; W4A8: int4 weights in groups of 32, "
-             "per channel where the input width is not a multiple of 32); convolutions, attention, LayerNorm and "
-             "Whisper's output projection stay float; it has no W4A4 row (dynamic activations are 8-bit). "
-             "Real speech: human recordings (esc_ao.corpus.real), calibrated on its calibration split and tested on "
-             "its test split; TTS: the offline TTS corpora (docs/benchmark.md)."
-             + (f" {n_stale} cells of older keys are not shown (`esc-ao bench accuracy --prune` deletes them)."
-                if n_stale else ""), ""]
+    lines = [
+        "# Accuracy benchmark: calibration methods x bit widths",
+        "",
+        f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
+        f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, evaluation set, "
+        f"method, bits, seed and key). Machines: {'; '.join(machines)}.",
+        "",
+        f"Numerics versions: {', '.join(f'{k} {v}' for k, v in NUMERICS.items())}. "
+        f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
+        f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
+        f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
+        "(WER: utterance bootstrap; accuracy: Wilson). Calibration methods: full integer quantization "
+        "(EscQuantizer, reference target). "
+        "Recipe suffixes (esc_ao.recipe): +xnn, the XNNPACK target (linear, conv, add and mul as int8 "
+        "kernels with int8 outputs, attention matmuls and softmax float, graph outputs float); +rf, the "
+        "residual stream's adds and the LayerNorm inputs they feed in float, the linears writing it as dynamic "
+        "int8 GEMMs; +gptq, GPTQ rounding of the linears' weights; +t8, tied output projections at 8-bit "
+        "weights under 4-bit ones; +gN, group-wise linear weights (one scale per N input channels of each "
+        "output channel, a float32 scale per group counted in the size); +mpN, mixed precision: the layer "
+        "groups that cost the objective most per multiply-accumulate, within N % of them, raised (to float "
+        "at W8A8, to W8A8 under 4 bits; "
+        "esc_ao.precision); +r16, the residual stream (every add a LayerNorm reads, and "
+        "those LayerNorms' inputs) on a 16-bit integer grid; +sq, SmoothQuant-style smoothing of every "
+        "LayerNorm -> linear site, alpha per site from calibration data. "
+        "Method dynamic, for comparison: no calibration, torchao's dynamic int8 activations (per token, "
+        "asymmetric) on the linears only (W8A8: int8 weights per channel; W4A8: int4 weights in groups of 32, "
+        "per channel where the input width is not a multiple of 32); convolutions, attention, LayerNorm and "
+        "Whisper's output projection stay float; it has no W4A4 row (dynamic activations are 8-bit). "
+        "Real speech: human recordings (esc_ao.corpus.real), calibrated on its calibration split and tested on "
+        "its test split; TTS: the offline TTS corpora (docs/benchmark.md)."
+        + (
+            f" {n_stale} cells of older keys are not shown (`esc-ao bench accuracy --prune` deletes them)."
+            if n_stale
+            else ""
+        ),
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += _model_table(model, [r for r in rows if r["model"] == model])
     write_text_atomic(out / "accuracy.md", "\n".join(lines))
@@ -185,7 +212,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ncols = min(4, len(models))
     nrows = -(-len(models) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
-    for ax in axes.flat[len(models):]:
+    for ax in axes.flat[len(models) :]:
         ax.set_visible(False)
     xs = list(BITS)
     for ax, (model, eval_set) in zip(axes.flat, models):

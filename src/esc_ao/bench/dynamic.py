@@ -51,8 +51,16 @@ from esc_ao.config import METHODS
 if TYPE_CHECKING:  # kept out of the import: the CLI and the table read DYNAMIC_METHOD only
     from esc_ao.bench.tasks import Forward, Task
 
-__all__ = ["BENCH_METHODS", "DYNAMIC_BITS", "DYNAMIC_METHOD", "GROUP_SIZE", "DynamicSizes", "dynamic_forwards",
-           "dynamic_sizes", "quantize_linears"]
+__all__ = [
+    "BENCH_METHODS",
+    "DYNAMIC_BITS",
+    "DYNAMIC_METHOD",
+    "GROUP_SIZE",
+    "DynamicSizes",
+    "dynamic_forwards",
+    "dynamic_sizes",
+    "quantize_linears",
+]
 
 DYNAMIC_METHOD = "dynamic"
 # The accuracy table's methods in row order: the calibration methods (QuantConfig's
@@ -77,8 +85,10 @@ class DynamicSizes:
 
 def _weight_bits(bits: str) -> int:
     if bits not in DYNAMIC_BITS:
-        raise ValueError(f"dynamic quantization at {bits!r} does not exist: activations are dynamic int8, "
-                         f"use one of {', '.join(DYNAMIC_BITS)}")
+        raise ValueError(
+            f"dynamic quantization at {bits!r} does not exist: activations are dynamic int8, "
+            f"use one of {', '.join(DYNAMIC_BITS)}"
+        )
     return DYNAMIC_BITS[bits]
 
 
@@ -94,8 +104,10 @@ def _config(weight_bits: int, group: int | None) -> Any:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8 if weight_bits == 8 else torch.int4,
-                                                 weight_granularity=PerAxis(0) if group is None else PerGroup(group))
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8 if weight_bits == 8 else torch.int4,
+        weight_granularity=PerAxis(0) if group is None else PerGroup(group),
+    )
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -44,5 +44,7 @@ def cpu_features() -> list[str]:
 def describe() -> str:
     """'x86_64 AMD EPYC (avx512_vnni), 1 threads, torch 2.14.1+cu130'."""
     features = ", ".join(cpu_features()) or "no int8 dot-product"
-    return (f"{platform.machine()} {cpu_name()} ({features}), {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.machine()} {cpu_name()} ({features}), {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )

@@ -52,8 +52,7 @@ NUMERICS: dict[str, int] = {
     "ast": 1,
 }
 PARTS = tuple(NUMERICS)
-_MODEL_PART = {"whisper-tiny.en": "whisper", "whisper-base": "whisper", "conformer-ctc": "conformer-ctc",
-               "ast": "ast"}
+_MODEL_PART = {"whisper-tiny.en": "whisper", "whisper-base": "whisper", "conformer-ctc": "conformer-ctc", "ast": "ast"}
 
 
 def model_parts(model: str, method: str) -> dict[str, int]:
@@ -80,12 +79,14 @@ def _small_graph(method: str, bits: int):  # type: ignore[no-untyped-def]
     from esc_ao.speech import ExportableConformer
 
     torch.manual_seed(0)
-    model = ExportableConformer(torchaudio.models.Conformer(
-        input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)).eval()
+    model = ExportableConformer(
+        torchaudio.models.Conformer(input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)
+    ).eval()
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 40, 32, generator=gen), torch.tensor([40, 40])) for _ in range(3)]
-    prepared = prepare(export_model(model, batches[0]),
-                       EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method)))
+    prepared = prepare(
+        export_model(model, batches[0]), EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method))
+    )
     observe(prepared, batches)
     return model, prepared, batches
 
@@ -115,12 +116,17 @@ def _search() -> dict[str, Any]:
     from esc_ao import SearchConfig, calibrate, convert
 
     model, prepared, batches = _small_graph("esc", 4)
-    result = calibrate(prepared, batches, config=SearchConfig(budget=3, popsize=6, seed=0, progress=False,
-                                                              local_grid=8))
+    result = calibrate(
+        prepared, batches, config=SearchConfig(budget=3, popsize=6, seed=0, progress=False, local_grid=8)
+    )
     last = result.history[-1]  # the search's own path, whether or not its result was kept
-    return {"objective_start": round(result.initial_objective, 6), "objective_final": round(result.final_objective, 6),
-            "last_generation": {k: round(float(last[k]), 6) for k in ("best", "mean", "sigma")},
-            "scales": len(result.labels), "sqnr_db": _sqnr(model, convert(prepared), batches)}
+    return {
+        "objective_start": round(result.initial_objective, 6),
+        "objective_final": round(result.final_objective, 6),
+        "last_generation": {k: round(float(last[k]), 6) for k in ("best", "mean", "sigma")},
+        "scales": len(result.labels),
+        "sqnr_db": _sqnr(model, convert(prepared), batches),
+    }
 
 
 def _dynamic() -> dict[str, Any]:
@@ -136,17 +142,19 @@ def _dynamic() -> dict[str, Any]:
     from esc_ao.speech import ExportableConformer
 
     torch.manual_seed(0)
-    conformer = ExportableConformer(torchaudio.models.Conformer(
-        input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7),
-        split_attention=True).eval()
+    conformer = ExportableConformer(
+        torchaudio.models.Conformer(input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7),
+        split_attention=True,
+    ).eval()
     mlp = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 8)).eval()
     gen = torch.Generator().manual_seed(1)
     conformer_batches = [(torch.randn(2, 40, 32, generator=gen),) for _ in range(3)]
     mlp_batches = [(torch.randn(2, 40, 48, generator=gen) + 0.5,) for _ in range(3)]
     figures: dict[str, Any] = {}
     for bits in ("w8a8", "w4a8"):
-        figures[f"conformer-{bits}-sqnr_db"] = _sqnr(conformer, quantize_linears(copy.deepcopy(conformer), bits),
-                                                     conformer_batches)
+        figures[f"conformer-{bits}-sqnr_db"] = _sqnr(
+            conformer, quantize_linears(copy.deepcopy(conformer), bits), conformer_batches
+        )
         figures[f"mlp-{bits}-sqnr_db"] = _sqnr(mlp, quantize_linears(copy.deepcopy(mlp), bits), mlp_batches)
         sizes = dynamic_sizes(single_part("mlp", "accuracy", mlp, [], lambda idx: None, lambda f: None, {}), bits)
         figures[f"mlp-{bits}-bytes"] = [sizes.float_bytes, sizes.quant_bytes, sizes.per_channel, sizes.per_group]
@@ -211,9 +219,11 @@ def _recipes() -> dict[str, Any]:
 
     w8, w4 = QuantConfig(method="mse"), QuantConfig(method="mse", weight_bits=4)
     w4a4 = QuantConfig(method="mse", weight_bits=4, act_bits=4)
-    return _recipe_figures([(m, w8) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")]
-                           + [(m, w4) for m in ("mse+r16+sq", "mse+r16+sq+gptq")]
-                           + [(m, w4a4) for m in ("mse+r16", "mse+r16+mp60")])
+    return _recipe_figures(
+        [(m, w8) for m in ("mse", "mse+r16", "mse+sq", "mse+r16+sq")]
+        + [(m, w4) for m in ("mse+r16+sq", "mse+r16+sq+gptq")]
+        + [(m, w4a4) for m in ("mse+r16", "mse+r16+mp60")]
+    )
 
 
 def _xnnpack() -> dict[str, Any]:
@@ -234,10 +244,14 @@ def _benchmark() -> dict[str, Any]:
     w = wer(refs, hyps, seed=0)
     a = accuracy([True, False, True, True, True])
     feats = fbank(bundled_clips()[0].audio, 80)
-    return {"holdout_split_12": [list(half) for half in holdout_split(12)], "calibration_sample": calibration_sample(list(range(40)), 6, 0),
-            "wer": [round(w.value, 6), round(w.low, 6), round(w.high, 6)],
-            "accuracy": [round(a.value, 6), round(a.low, 6), round(a.high, 6)],
-            "fbank_mean": round(float(feats.mean()), 4), "fbank_shape": list(feats.shape)}
+    return {
+        "holdout_split_12": [list(half) for half in holdout_split(12)],
+        "calibration_sample": calibration_sample(list(range(40)), 6, 0),
+        "wer": [round(w.value, 6), round(w.low, 6), round(w.high, 6)],
+        "accuracy": [round(a.value, 6), round(a.low, 6), round(a.high, 6)],
+        "fbank_mean": round(float(feats.mean()), 4),
+        "fbank_shape": list(feats.shape),
+    }
 
 
 def _whisper() -> dict[str, Any]:
@@ -251,8 +265,12 @@ def _whisper() -> dict[str, Any]:
     model = load_whisper_tiny_en().eval()
     clip = bundled_clips()[0]
     with torch.no_grad():
-        tokens = greedy_transcribe(WhisperAudio(model).eval(), WhisperTextStep(model).eval(),
-                                   whisper_mel(clip.audio), token_limit(len(clip.audio) / 16000))[0]
+        tokens = greedy_transcribe(
+            WhisperAudio(model).eval(),
+            WhisperTextStep(model).eval(),
+            whisper_mel(clip.audio),
+            token_limit(len(clip.audio) / 16000),
+        )[0]
     return {"tokens": tokens, "token_limit_3s": token_limit(3.0)}
 
 
@@ -266,14 +284,23 @@ def _trained(name: str) -> dict[str, Any]:
     with torch.no_grad():
         out = trained.model(trained.features(bundled_clips()[0].audio.numpy()))
     out = out[0] if isinstance(out, tuple) else out
-    return {"output_mean": round(float(out.float().mean()), 4), "output_absmax": round(float(out.abs().max()), 4),
-            "argmax": out.reshape(-1, out.shape[-1]).argmax(-1)[:16].tolist()}
+    return {
+        "output_mean": round(float(out.float().mean()), 4),
+        "output_absmax": round(float(out.abs().max()), 4),
+        "argmax": out.reshape(-1, out.shape[-1]).argmax(-1)[:16].tolist(),
+    }
 
 
 _FIGURES: dict[str, Callable[[], dict[str, Any]]] = {
-    "quantization": _quantization, "search": _search, "dynamic": _dynamic, "recipes": _recipes, "xnnpack": _xnnpack,
+    "quantization": _quantization,
+    "search": _search,
+    "dynamic": _dynamic,
+    "recipes": _recipes,
+    "xnnpack": _xnnpack,
     "benchmark": _benchmark,
-    "whisper": _whisper, "conformer-ctc": lambda: _trained("conformer-ctc"), "ast": lambda: _trained("ast"),
+    "whisper": _whisper,
+    "conformer-ctc": lambda: _trained("conformer-ctc"),
+    "ast": lambda: _trained("ast"),
 }
 
 

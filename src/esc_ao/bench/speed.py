@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.machine import cpu_features, describe
 from esc_ao.lower.executorch import LoweringError
-from esc_ao.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
 
@@ -84,15 +84,19 @@ def _linear_stack() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tup
 
 
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]]] = {
-    "conformer": _conformer, "whisper-encoder": _whisper, "whisper-base-encoder": _whisper_base, "ast": _ast,
-    "linear-stack": _linear_stack}
+    "conformer": _conformer,
+    "whisper-encoder": _whisper,
+    "whisper-base-encoder": _whisper_base,
+    "ast": _ast,
+    "linear-stack": _linear_stack,
+}
 DESCRIPTION = {
     "conformer": "Conformer-CTC, 8.4M params (16 layers, d=144), 10 s of audio (1000 fbank frames), random weights",
     "whisper-encoder": "Whisper tiny.en encoder (real weights), 30 s window (3000 mel frames)",
     "whisper-base-encoder": "Whisper base encoder (real weights, 6 layers, d=512), 30 s window (3000 mel frames)",
     "ast": "AST, 5.4M params (12 layers, d=192), 1 s of audio (100 x 128 fbank), random weights",
     "linear-stack": "GEMMs only: 16 x (Linear 144->576, ReLU, Linear 576->144, ReLU) on 250 frames, the "
-                    "Conformer's FFN shapes; the bound on what integer kernels gain on this CPU",
+    "Conformer's FFN shapes; the bound on what integer kernels gain on this CPU",
 }
 
 
@@ -105,8 +109,9 @@ def _quantized(model: torch.nn.Module, batches: list[tuple], variant: str) -> to
             get_symmetric_quantization_config,
         )
 
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-            is_per_channel=True, is_dynamic=True, weight_qmin=-8, weight_qmax=7))
+        quantizer = XNNPACKQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True, weight_qmin=-8, weight_qmax=7)
+        )
     else:
         bits = 8 if variant == "int8" else 4
         quantizer = EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method="mse"), target="xnnpack")
@@ -126,11 +131,16 @@ def _lower(model: torch.nn.Module, example: tuple, batches: list[tuple], variant
     # to_executorch already ran the program: against float directly for the float model,
     # and (given the reference) against float for the quantized ones.
     vs_float = result.sqnr_db if result.program_vs_float_db is None else result.program_vs_float_db
-    return {"pte": str(path), "size_bytes": result.size_bytes, "prepare_and_lower_s": round(time.perf_counter() - t0, 1),
-            "sqnr_vs_graph_db": round(result.sqnr_db, 2),
-            "graph_vs_float_db": None if result.graph_vs_float_db is None else round(result.graph_vs_float_db, 2),
-            "sqnr_vs_float_db": round(vs_float, 2),
-            "coverage": result.coverage.as_dict(), "coverage_summary": result.coverage.summary()}
+    return {
+        "pte": str(path),
+        "size_bytes": result.size_bytes,
+        "prepare_and_lower_s": round(time.perf_counter() - t0, 1),
+        "sqnr_vs_graph_db": round(result.sqnr_db, 2),
+        "graph_vs_float_db": None if result.graph_vs_float_db is None else round(result.graph_vs_float_db, 2),
+        "sqnr_vs_float_db": round(vs_float, 2),
+        "coverage": result.coverage.as_dict(),
+        "coverage_summary": result.coverage.summary(),
+    }
 
 
 def _lowered(model_fn: Callable, name: str, variants: list[str], work_dir: Path, reuse: bool) -> tuple[tuple, dict]:
@@ -148,13 +158,24 @@ def _lowered(model_fn: Callable, name: str, variants: list[str], work_dir: Path,
                 lowered[v] = {"error": str(exc).splitlines()[0][:300]}
                 continue
             write_json_atomic(info, lowered[v])
-        print(f"{name} {v}: {lowered[v]['coverage_summary']}; {lowered[v]['size_bytes'] / 1e6:.1f} MB, "
-              f"{lowered[v]['prepare_and_lower_s']} s", flush=True)
+        print(
+            f"{name} {v}: {lowered[v]['coverage_summary']}; {lowered[v]['size_bytes'] / 1e6:.1f} MB, "
+            f"{lowered[v]['prepare_and_lower_s']} s",
+            flush=True,
+        )
     return example, lowered
 
 
-def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: int, out_dir: Path,
-                    work_dir: Path, reuse: bool = False, lower_only: bool = False) -> list[dict[str, Any]]:
+def run_speed_bench(
+    models: list[str],
+    variants: list[str],
+    runs: int,
+    rounds: int,
+    out_dir: Path,
+    work_dir: Path,
+    reuse: bool = False,
+    lower_only: bool = False,
+) -> list[dict[str, Any]]:
     """Lowers (or with ``reuse``, reloads) every program, then times them all.
 
     ``lower_only`` stops after lowering: timing is best done later on an idle machine
@@ -187,10 +208,17 @@ def run_speed_bench(models: list[str], variants: list[str], runs: int, rounds: i
         base = statistics.median(medians["float"]) if "float" in medians else None
         for v in variants_ok:
             med = statistics.median(medians[v])
-            rows.append({"model": name, "variant": v, "median_ms": round(med, 2),
-                         "round_medians_ms": [round(m, 2) for m in medians[v]],
-                         "speedup_vs_float": round(base / med, 2) if base else None,
-                         "peak_rss_bytes": rss[v], **lowered[v]})
+            rows.append(
+                {
+                    "model": name,
+                    "variant": v,
+                    "median_ms": round(med, 2),
+                    "round_medians_ms": [round(m, 2) for m in medians[v]],
+                    "speedup_vs_float": round(base / med, 2) if base else None,
+                    "peak_rss_bytes": rss[v],
+                    **lowered[v],
+                }
+            )
             print(f"{name} {v}: {med:.1f} ms (rounds {medians[v]}), x{rows[-1]['speedup_vs_float']}", flush=True)
     _write(rows, runs, rounds, out_dir)
     return rows
@@ -205,8 +233,16 @@ def _merged(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
     previous = json.loads(path.read_text())
     legacy = previous.get("meta", {})  # rows written before each row carried its machine
     measured = {r["model"] for r in rows}
-    kept = [{"machine": legacy.get("machine", "?"), "runs_per_round": legacy.get("runs_per_round"),
-             "rounds": legacy.get("rounds"), **r} for r in previous.get("rows", []) if r["model"] not in measured]
+    kept = [
+        {
+            "machine": legacy.get("machine", "?"),
+            "runs_per_round": legacy.get("runs_per_round"),
+            "rounds": legacy.get("rounds"),
+            **r,
+        }
+        for r in previous.get("rows", [])
+        if r["model"] not in measured
+    ]
     order = list(MODELS)
     return sorted(kept + rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
 
@@ -214,31 +250,46 @@ def _merged(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
 def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) -> None:
     here = {"machine": describe(), "cpu_int8_features": cpu_features(), "runs_per_round": runs, "rounds": rounds}
     rows = _merged([{**here, **r} for r in rows], out_dir)
-    meta = {"runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
-            "torch": torch.__version__}
+    meta = {
+        "runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
+        "torch": torch.__version__,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "speed.json", {"meta": meta, "rows": rows})
-    lines = ["# ExecuTorch XNNPACK speed: float vs integer programs", "",
-             f"Command: `esc-ao bench speed --models MODEL --runs RUNS --rounds ROUNDS` per model (each section "
-             f"names its settings and machine); {meta['runner']}. Latency: median over rounds of each round's median, "
-             "variants interleaved round by round; spread = min..max of the round medians. Peak RSS: the runner "
-             "process. int8 GEMMs gain over fp32 only on CPUs with int8 dot-product instructions (avx512_vnni, "
-             "avx_vnni; Arm dotprod/i8mm): compare ratios within a section, not across machines.", ""]
+    lines = [
+        "# ExecuTorch XNNPACK speed: float vs integer programs",
+        "",
+        f"Command: `esc-ao bench speed --models MODEL --runs RUNS --rounds ROUNDS` per model (each section "
+        f"names its settings and machine); {meta['runner']}. Latency: median over rounds of each round's median, "
+        "variants interleaved round by round; spread = min..max of the round medians. Peak RSS: the runner "
+        "process. int8 GEMMs gain over fp32 only on CPUs with int8 dot-product instructions (avx512_vnni, "
+        "avx_vnni; Arm dotprod/i8mm): compare ratios within a section, not across machines.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         first = mrows[0]
-        lines += [f"## {model}", "", DESCRIPTION.get(model, ""), "",
-                  f"`esc-ao bench speed --models {model} --runs {first.get('runs_per_round')} --rounds "
-                  f"{first.get('rounds')}`; machine: {first.get('machine', '?')}.", "",
-                  "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
-                  "graph vs float dB | where the ops run |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {model}",
+            "",
+            DESCRIPTION.get(model, ""),
+            "",
+            f"`esc-ao bench speed --models {model} --runs {first.get('runs_per_round')} --rounds "
+            f"{first.get('rounds')}`; machine: {first.get('machine', '?')}.",
+            "",
+            "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
+            "graph vs float dB | where the ops run |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in mrows:
             if "error" in r:
                 lines.append(f"| {r['variant']} | lowering failed: {r['error']} |||||||")
                 continue
             spread = f"{min(r['round_medians_ms']):.1f}..{max(r['round_medians_ms']):.1f}"
-            lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {spread} | {r['speedup_vs_float']}x | "
-                         f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_float_db']} | "
-                         f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |")
+            lines.append(
+                f"| {r['variant']} | {r['median_ms']:.1f} | {spread} | {r['speedup_vs_float']}x | "
+                f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_float_db']} | "
+                f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |"
+            )
         lines.append("")
     write_text_atomic(out_dir / "speed.md", "\n".join(lines))

@@ -31,8 +31,17 @@ from esc_ao.metrics import Estimate
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch
 
-__all__ = ["HOLDOUT_EVERY", "Part", "Task", "build_task", "calibration_sample", "holdout_split", "load_eval_corpus",
-           "single_part", "training_brief"]
+__all__ = [
+    "HOLDOUT_EVERY",
+    "Part",
+    "Task",
+    "build_task",
+    "calibration_sample",
+    "holdout_split",
+    "load_eval_corpus",
+    "single_part",
+    "training_brief",
+]
 
 Forward = Callable[..., Any]
 HOLDOUT_EVERY = 5  # every fifth calibration batch is held out of ESC's search
@@ -81,16 +90,31 @@ class Task:
         return {p.name: p.model for p in self.parts}
 
 
-def single_part(name: str, metric: str, model: nn.Module, batches: list[Batch],
-                objective: Callable[[Sequence[int]], Objective], evaluate: Callable[[Forward], Estimate],
-                notes: dict[str, Any], dynamic_shapes: Any = None, local_batches: int = 1) -> Task:
+def single_part(
+    name: str,
+    metric: str,
+    model: nn.Module,
+    batches: list[Batch],
+    objective: Callable[[Sequence[int]], Objective],
+    evaluate: Callable[[Forward], Estimate],
+    notes: dict[str, Any],
+    dynamic_shapes: Any = None,
+    local_batches: int = 1,
+) -> Task:
     """A one-graph task; ``objective(indices)`` scores the calibration batches at ``indices``
     and the batches are split by ``holdout_split``."""
     search, holdout = holdout_split(len(batches))
-    part = Part("model", model, lambda _: batches, lambda _, idx: objective(idx), search, holdout, dynamic_shapes,
-                local_batches)
-    return Task(name, metric, [part], lambda f: evaluate(f["model"]), sum(p.numel() for p in model.parameters()),
-                {**notes, "search_batches": len(search), "holdout_batches": len(holdout)})
+    part = Part(
+        "model", model, lambda _: batches, lambda _, idx: objective(idx), search, holdout, dynamic_shapes, local_batches
+    )
+    return Task(
+        name,
+        metric,
+        [part],
+        lambda f: evaluate(f["model"]),
+        sum(p.numel() for p in model.parameters()),
+        {**notes, "search_batches": len(search), "holdout_batches": len(holdout)},
+    )
 
 
 def calibration_sample(utts: list[Utterance], n: int, seed: int) -> list[Utterance]:

@@ -79,10 +79,17 @@ def _decoding(model_name: str = "tiny.en") -> _Decoding:
     # The special tokens' ids differ between the English-only and multilingual vocabularies
     # (one more token before them), so every list comes from the model's own tokenizer.
     tok = tokenizer(model_name)
-    return _Decoding(tuple(tok.sot_sequence_including_notimestamps), tok.eot,
-                     tuple(sorted(set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
-                                                                tok.sot_lm, tok.no_speech, tok.no_timestamps})),
-                     tuple(tok.encode(" ") + [tok.eot]))
+    return _Decoding(
+        tuple(tok.sot_sequence_including_notimestamps),
+        tok.eot,
+        tuple(
+            sorted(
+                set(tok.non_speech_tokens)
+                | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech, tok.no_timestamps}
+            )
+        ),
+        tuple(tok.encode(" ") + [tok.eot]),
+    )
 
 
 def token_limit(seconds: float) -> int:
@@ -90,8 +97,9 @@ def token_limit(seconds: float) -> int:
     return min(MAX_TOKENS, _TOKENS_FIXED + math.ceil(_TOKENS_PER_SECOND * seconds))
 
 
-def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor, max_tokens: int = MAX_TOKENS,
-                      model_name: str = "tiny.en") -> list[list[int]]:
+def greedy_transcribe(
+    audio: Forward, text: Forward, mels: torch.Tensor, max_tokens: int = MAX_TOKENS, model_name: str = "tiny.en"
+) -> list[list[int]]:
     """Greedy decoding of a batch of log-mels (B, 80, 3000) -> token lists (no prompt, no EOT),
     at most ``max_tokens`` each, with the prompt and suppressed tokens of ``model_name``."""
     dec = _decoding(model_name)
@@ -110,7 +118,7 @@ def greedy_transcribe(audio: Forward, text: Forward, mels: torch.Tensor, max_tok
         if bool(done.all()):
             break
     out = []
-    for row in tokens[:, len(dec.prompt):].tolist():
+    for row in tokens[:, len(dec.prompt) :].tolist():
         out.append(row[: row.index(dec.eot)] if dec.eot in row else row)
     return out
 
@@ -123,8 +131,10 @@ class TeacherForcedCE:
     targets: Sequence[torch.Tensor]
 
     def __call__(self, outputs: Sequence[Any], references: Sequence[Any]) -> float:
-        losses = [float(F.cross_entropy(first_tensor(o).float().flatten(0, 1), t.flatten(), ignore_index=-100))
-                  for o, t in zip(outputs, self.targets)]
+        losses = [
+            float(F.cross_entropy(first_tensor(o).float().flatten(0, 1), t.flatten(), ignore_index=-100))
+            for o, t in zip(outputs, self.targets)
+        ]
         return sum(losses) / max(len(losses), 1)
 
 
@@ -170,8 +180,10 @@ def task(n_calibration: int, seed: int, model_name: str = "tiny.en", eval_set: s
     # dynamic batch cannot be exported from batch-1 examples, and teacher-forced sequences
     # differ in length).
     with torch.no_grad():  # the float model's transcripts: the teacher-forcing targets
-        transcripts = [greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]), model_name)[0]
-                       for u, m in zip(calib, mels)]
+        transcripts = [
+            greedy_transcribe(audio, text, m, token_limit(u.meta["duration_s"]), model_name)[0]
+            for u, m in zip(calib, mels)
+        ]
     tf_inputs, tf_targets = _teacher_forcing(dec.prompt, transcripts, dec.eot)
     searched, held = holdout_split(len(mels))
     searched, held = searched[:SEARCH_UTTERANCES], held[:HOLDOUT_UTTERANCES]
@@ -185,10 +197,23 @@ def task(n_calibration: int, seed: int, model_name: str = "tiny.en", eval_set: s
         return [(t, k, v) for t, (k, v) in zip(tf_inputs, kv)]
 
     parts = [
-        Part("audio", audio, lambda _: [(m,) for m in mels],
-             lambda _, idx: ThroughText(text, [tf_inputs[i] for i in idx], scored(idx)), searched, held),
-        Part("text", text, text_batches, lambda _, idx: scored(idx), searched, held,
-             dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=MAX_TOKENS + 8)}, None, None)),
+        Part(
+            "audio",
+            audio,
+            lambda _: [(m,) for m in mels],
+            lambda _, idx: ThroughText(text, [tf_inputs[i] for i in idx], scored(idx)),
+            searched,
+            held,
+        ),
+        Part(
+            "text",
+            text,
+            text_batches,
+            lambda _, idx: scored(idx),
+            searched,
+            held,
+            dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=MAX_TOKENS + 8)}, None, None),
+        ),
     ]
     test = corpus.utterances("test")
 
@@ -202,6 +227,16 @@ def task(n_calibration: int, seed: int, model_name: str = "tiny.en", eval_set: s
         # the transcripts go into the cell: a decoding loop or an empty output is visible there
         return dataclasses.replace(est, details={**est.details, "hypotheses": dict(zip((u.id for u in test), hyps))})
 
-    return Task(f"whisper-{model_name}", "wer", parts, evaluate, sum(p.numel() for p in model.parameters()),
-                {"test_utterances": len(test), "search_utterances": len(searched), "holdout_utterances": len(held),
-                 "decoding": f"greedy, at most {_TOKENS_FIXED} + {_TOKENS_PER_SECOND:g} tokens per second of audio"})
+    return Task(
+        f"whisper-{model_name}",
+        "wer",
+        parts,
+        evaluate,
+        sum(p.numel() for p in model.parameters()),
+        {
+            "test_utterances": len(test),
+            "search_utterances": len(searched),
+            "holdout_utterances": len(held),
+            "decoding": f"greedy, at most {_TOKENS_FIXED} + {_TOKENS_PER_SECOND:g} tokens per second of audio",
+        },
+    )

@@ -65,9 +65,9 @@ def noise(rng: np.random.Generator, n: int, colour: str) -> np.ndarray:
         f = np.fft.rfftfreq(n)
         f[0] = f[1] if n > 1 else 1.0
         power = {"white": 0.0, "pink": 0.5, "brown": 1.0}[colour]
-        x = np.fft.irfft(spectrum / f ** power, n)
+        x = np.fft.irfft(spectrum / f**power, n)
     x = np.asarray(x, dtype=np.float64)
-    return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+    return (x / (np.sqrt(np.mean(x**2)) + 1e-12)).astype(np.float32)
 
 
 def apply(audio: np.ndarray, aug: Augmentation, rng: np.random.Generator, length: int | None = None) -> np.ndarray:
@@ -85,7 +85,7 @@ def apply(audio: np.ndarray, aug: Augmentation, rng: np.random.Generator, length
     if length is not None:
         y = place(y, length, rng)
     if aug.snr_db is not None:
-        rms = float(np.sqrt(np.mean(y ** 2))) + 1e-8
+        rms = float(np.sqrt(np.mean(y**2))) + 1e-8
         y = y + noise(rng, len(y), aug.noise) * np.float32(rms / 10 ** (aug.snr_db / 20))
     peak = float(np.max(np.abs(y))) if len(y) else 0.0
     return (y * (0.99 / peak) if peak > 0.99 else y).astype(np.float32)
@@ -108,10 +108,10 @@ def place(audio: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarra
     """``audio`` at a random offset in ``length`` zeros; the centre ``length`` samples when longer."""
     if len(audio) >= length:
         start = (len(audio) - length) // 2
-        return audio[start:start + length].copy()
+        return audio[start : start + length].copy()
     out = np.zeros(length, dtype=np.float32)
     offset = int(rng.integers(length - len(audio) + 1))
-    out[offset:offset + len(audio)] = audio
+    out[offset : offset + len(audio)] = audio
     return out
 
 

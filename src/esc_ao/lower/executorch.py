@@ -62,10 +62,16 @@ class LoweringResult:
     program_vs_float_db: float | None = None  # ... and the program's
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "size_bytes": self.size_bytes, "sqnr_db": self.sqnr_db,
-                "max_abs_diff": self.max_abs_diff, "lower_seconds": self.lower_seconds,
-                "graph_vs_float_db": self.graph_vs_float_db, "program_vs_float_db": self.program_vs_float_db,
-                "coverage": self.coverage.as_dict()}
+        return {
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "sqnr_db": self.sqnr_db,
+            "max_abs_diff": self.max_abs_diff,
+            "lower_seconds": self.lower_seconds,
+            "graph_vs_float_db": self.graph_vs_float_db,
+            "program_vs_float_db": self.program_vs_float_db,
+            "coverage": self.coverage.as_dict(),
+        }
 
 
 def tensor_sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -79,8 +85,10 @@ def _first_tensor(out: Any) -> torch.Tensor:
     try:
         return first_tensor(out)
     except TypeError as exc:
-        raise LoweringError(f"the model's output is {type(out).__name__}; to_executorch checks a tensor "
-                            "(or a tuple whose first item is one)") from exc
+        raise LoweringError(
+            f"the model's output is {type(out).__name__}; to_executorch checks a tensor "
+            "(or a tuple whose first item is one)"
+        ) from exc
 
 
 def run_pte(path: str | Path, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -161,15 +169,19 @@ def to_executorch(
             graph_db, program_db = tensor_sqnr_db(ideal, want), tensor_sqnr_db(ideal, got)
             if not program_db >= graph_db - max_loss_db:
                 path.unlink(missing_ok=True)
-                raise LoweringError(f"the lowered program is {program_db:.1f} dB from float, the graph it came from "
-                                    f"{graph_db:.1f} dB: more than max_loss_db={max_loss_db} lost in lowering; "
-                                    f"{coverage.summary()}")
+                raise LoweringError(
+                    f"the lowered program is {program_db:.1f} dB from float, the graph it came from "
+                    f"{graph_db:.1f} dB: more than max_loss_db={max_loss_db} lost in lowering; "
+                    f"{coverage.summary()}"
+                )
             return LoweringResult(path, path.stat().st_size, snr, diff, coverage, seconds, graph_db, program_db)
         floor = min_sqnr_db if min_sqnr_db is not None else DEFAULT_MIN_SQNR_DB.get(act_bits, 3.0)
         if not snr >= floor:
             path.unlink(missing_ok=True)
-            raise LoweringError(f"the lowered program's output is {snr:.1f} dB from the model's "
-                                f"(max abs diff {diff:.3g}); below min_sqnr_db={floor}: {coverage.summary()}")
+            raise LoweringError(
+                f"the lowered program's output is {snr:.1f} dB from the model's "
+                f"(max abs diff {diff:.3g}); below min_sqnr_db={floor}: {coverage.summary()}"
+            )
     return LoweringResult(path, path.stat().st_size, snr, diff, coverage, seconds)
 
 
@@ -177,13 +189,18 @@ def _refuse_group_weights(model: GraphModule) -> None:
     """Group-wise weights (QuantConfig.weight_group) have no ExecuTorch kernel beside a
     static-input GEMM: XNNPACK runs them only behind dynamically quantized inputs and the
     portable quantized library has no group dequantize. Refused before any work."""
-    nodes = [n.name for n in model.graph.nodes
-             if n.target == torch.ops.quantized_decomposed.dequantize_per_channel_group.default]
+    nodes = [
+        n.name
+        for n in model.graph.nodes
+        if n.target == torch.ops.quantized_decomposed.dequantize_per_channel_group.default
+    ]
     if nodes:
-        raise LoweringError(f"{len(nodes)} group-wise weight(s) ({', '.join(nodes[:3])}"
-                            f"{', ...' if len(nodes) > 3 else ''}): ExecuTorch has no kernel for group-wise weights "
-                            "with static int8 inputs; keep the converted program (model.pt2) for a target that runs "
-                            "them, or quantize with per-channel weights (weight_group=None) for a .pte")
+        raise LoweringError(
+            f"{len(nodes)} group-wise weight(s) ({', '.join(nodes[:3])}"
+            f"{', ...' if len(nodes) > 3 else ''}): ExecuTorch has no kernel for group-wise weights "
+            "with static int8 inputs; keep the converted program (model.pt2) for a target that runs "
+            "them, or quantize with per-channel weights (weight_group=None) for a .pte"
+        )
 
 
 def _load_quantized_kernels() -> None:

@@ -59,8 +59,12 @@ def decompose_layer_norm(gm: GraphModule) -> int:
 
 def prepare_for_xnnpack(gm: GraphModule) -> dict[str, int]:
     """All rewrites of this module; returns how many nodes each rewrote."""
-    return {"layer_norm": decompose_layer_norm(gm), "matmul": matmul_to_bmm(gm),
-            "conv_int4_weights": store_conv_int4_as_int8(gm), "narrow_grids": clamp_narrow_grids(gm)}
+    return {
+        "layer_norm": decompose_layer_norm(gm),
+        "matmul": matmul_to_bmm(gm),
+        "conv_int4_weights": store_conv_int4_as_int8(gm),
+        "narrow_grids": clamp_narrow_grids(gm),
+    }
 
 
 def clamp_narrow_grids(gm: GraphModule) -> int:

@@ -37,8 +37,10 @@ class NativeRun:
 def runner_path() -> Path:
     path = Path(os.environ.get("ESC_AO_RUNNER", DEFAULT_RUNNER))
     if not path.is_file():
-        raise RunnerMissingError(f"native runner {path} not found: build it with `bash scripts/build_runner.sh` "
-                                 "(or point ESC_AO_RUNNER at a built esc_ao_runner)")
+        raise RunnerMissingError(
+            f"native runner {path} not found: build it with `bash scripts/build_runner.sh` "
+            "(or point ESC_AO_RUNNER at a built esc_ao_runner)"
+        )
     return path
 
 
@@ -48,11 +50,20 @@ def run_native(pte: str | Path, inputs: Sequence[torch.Tensor], runs: int = 10, 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         src.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in inputs))
-        proc = subprocess.run([str(exe), str(pte), str(src), str(dst), "--runs", str(runs),
-                               "--warmup", str(warmup)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(exe), str(pte), str(src), str(dst), "--runs", str(runs), "--warmup", str(warmup)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"esc_ao_runner failed on {pte} (exit {proc.returncode}): {proc.stderr.strip()}")
         timing = json.loads(proc.stdout.strip().splitlines()[-1])
         output = torch.frombuffer(bytearray(dst.read_bytes()), dtype=torch.float32)
-    return NativeRun(output, timing["median_ms"], timing["min_ms"], timing["max_ms"], timing["runs"],
-                     int(timing["peak_rss_kb"]) * 1024)
+    return NativeRun(
+        output,
+        timing["median_ms"],
+        timing["min_ms"],
+        timing["max_ms"],
+        timing["runs"],
+        int(timing["peak_rss_kb"]) * 1024,
+    )

@@ -27,9 +27,11 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.norm1(x)
+
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B*H, N, hd)
             return t.reshape(b, n, self.heads, self.head_dim).permute(0, 2, 1, 3).reshape(b * self.heads, n, -1)
-        q = split(self.q(h) * self.head_dim ** -0.5)
+
+        q = split(self.q(h) * self.head_dim**-0.5)
         probs = torch.softmax(torch.bmm(q, split(self.k(h)).permute(0, 2, 1)), dim=-1)
         ctx = torch.bmm(probs, split(self.v(h))).reshape(b, self.heads, n, -1).permute(0, 2, 1, 3).reshape(b, n, d)
         x = x + self.proj(ctx)
@@ -39,8 +41,18 @@ class _Block(nn.Module):
 class AST(nn.Module):
     """(B, frames, n_mels) fbank -> (B, classes) logits."""
 
-    def __init__(self, classes: int = 37, n_mels: int = 128, frames: int = 100, dim: int = 192,
-                 layers: int = 12, heads: int = 3, mlp: int = 768, patch: int = 16, stride: int = 10) -> None:
+    def __init__(
+        self,
+        classes: int = 37,
+        n_mels: int = 128,
+        frames: int = 100,
+        dim: int = 192,
+        layers: int = 12,
+        heads: int = 3,
+        mlp: int = 768,
+        patch: int = 16,
+        stride: int = 10,
+    ) -> None:
         super().__init__()
         self.n_mels, self.frames = n_mels, frames
         self.patch = nn.Conv2d(1, dim, patch, stride)

@@ -8,9 +8,9 @@ whenever max(lengths) == T (true for any padded batch).
 
 from __future__ import annotations
 
-import torch
 import copy
 
+import torch
 from torch import nn
 from torchaudio.models import Conformer
 
@@ -84,8 +84,17 @@ class ConformerCTC(nn.Module):
     inference on one utterance needs and what keeps the graph inside the XNNPACK delegate.
     """
 
-    def __init__(self, n_mels: int = 80, dim: int = 144, heads: int = 4, ffn: int = 576,
-                 layers: int = 16, kernel: int = 31, vocab: int = 32, split_attention: bool = True) -> None:
+    def __init__(
+        self,
+        n_mels: int = 80,
+        dim: int = 144,
+        heads: int = 4,
+        ffn: int = 576,
+        layers: int = 16,
+        kernel: int = 31,
+        vocab: int = 32,
+        split_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.front = ConvSubsampling(n_mels, dim)
         self.encoder = ExportableConformer(Conformer(dim, heads, ffn, layers, kernel), split_attention)
@@ -104,6 +113,7 @@ class ConformerCTC(nn.Module):
 
     def split_attention_(self) -> "ConformerCTC":
         """Switches (in place) to SplitHeadAttention for export, after training with masks."""
-        self.encoder.conformer_layers = nn.ModuleList(_with_split_attention(layer)
-                                                      for layer in self.encoder.conformer_layers)
+        self.encoder.conformer_layers = nn.ModuleList(
+            _with_split_attention(layer) for layer in self.encoder.conformer_layers
+        )
         return self

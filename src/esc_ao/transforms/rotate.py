@@ -74,8 +74,11 @@ def hadamard(n: int) -> torch.Tensor | None:
     product of powers of 2, 12 and 20 (Sylvester's doubling, Paley's orders 12 and 20)."""
     if n == 1:
         return torch.ones(1, 1, dtype=torch.float64)
-    for order, build in ((2, lambda: torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)),
-                         (12, lambda: _paley(11)), (20, lambda: _paley(19))):
+    for order, build in (
+        (2, lambda: torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)),
+        (12, lambda: _paley(11)),
+        (20, lambda: _paley(19)),
+    ):
         if n % order == 0:
             rest = hadamard(n // order)
             if rest is not None:
@@ -117,8 +120,9 @@ def rotate(gm: GraphModule, seed: int = 0, mlp_block: int | None = None) -> list
     an activation function. Returns one record per stream (applied, or why not) and per
     online rotation inserted."""
     if mlp_block is not None and (mlp_block < 2 or mlp_block & (mlp_block - 1)):
-        raise ValueError(f"mlp_block={mlp_block!r} must be a power of two >= 2 (e.g. 64), or None for no online "
-                         "MLP rotation")
+        raise ValueError(
+            f"mlp_block={mlp_block!r} must be a power of two >= 2 (e.g. 64), or None for no online " "MLP rotation"
+        )
     drop_noop_casts(gm)
     records: list[TransformRecord] = []
     cache: dict[int, torch.Tensor] = {}
@@ -134,8 +138,10 @@ def rotate(gm: GraphModule, seed: int = 0, mlp_block: int | None = None) -> list
         reason = _check(gm, stream)
         online = _online_count(gm, stream)
         if not reason and online > len(stream.adds):
-            reason = (f"would need {online} online d x d rotations for {len(stream.adds)} residual add(s) (the "
-                      "stream is cut by LayerNorms or non-linear branches)")
+            reason = (
+                f"would need {online} online d x d rotations for {len(stream.adds)} residual add(s) (the "
+                "stream is cut by LayerNorms or non-linear branches)"
+            )
         where = stream.norms[0].name
         if reason:
             records.append(TransformRecord(where, "rotate", False, reason))
@@ -237,8 +243,14 @@ def _get_attr(gm: GraphModule, target: str) -> Node:
     return node
 
 
-def _online_linear(gm: GraphModule, after: Node, weight: torch.Tensor, bias: torch.Tensor | None,
-                   stem: str, readers: list[Node] | None = None) -> Node:
+def _online_linear(
+    gm: GraphModule,
+    after: Node,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stem: str,
+    readers: list[Node] | None = None,
+) -> Node:
     """Inserts linear(after, weight, bias) right after ``after`` and moves ``readers``
     (default: all of ``after``'s) onto it; returns the new node."""
     readers = list(after.users) if readers is None else readers
@@ -266,18 +278,31 @@ def _set(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
 
 
 def _foldable_linear(gm: GraphModule, node: Node) -> bool:
-    return (node.op == "call_function" and node.target == aten.linear.default
-            and isinstance(node.args[1], Node) and node.args[1].op == "get_attr" and not shared_weight(gm, node.args[1])
-            and (len(node.args) < 3 or node.args[2] is None or
-                 (isinstance(node.args[2], Node) and node.args[2].op == "get_attr" and len(node.args[2].users) == 1)))
+    return (
+        node.op == "call_function"
+        and node.target == aten.linear.default
+        and isinstance(node.args[1], Node)
+        and node.args[1].op == "get_attr"
+        and not shared_weight(gm, node.args[1])
+        and (
+            len(node.args) < 3
+            or node.args[2] is None
+            or (isinstance(node.args[2], Node) and node.args[2].op == "get_attr" and len(node.args[2].users) == 1)
+        )
+    )
 
 
 def _writer(gm: GraphModule, branch: Node) -> Node | None:
     """The linear producing a branch (through a multiply or divide by a scalar), when its
     output reaches only the stream, else None."""
     node = branch
-    while node.op == "call_function" and node.target in _SCALAR_MUL and len(node.users) == 1 \
-            and isinstance(node.args[0], Node) and not isinstance(node.args[1], Node):
+    while (
+        node.op == "call_function"
+        and node.target in _SCALAR_MUL
+        and len(node.users) == 1
+        and isinstance(node.args[0], Node)
+        and not isinstance(node.args[1], Node)
+    ):
         node = node.args[0]
     if _foldable_linear(gm, node) and len(node.users) == 1:
         return node
@@ -287,8 +312,9 @@ def _writer(gm: GraphModule, branch: Node) -> Node | None:
 def _online_count(gm: GraphModule, stream: _Stream) -> int:
     """How many online d x d rotations rotating the stream would insert (see _apply)."""
     branches = sum(_writer(gm, b) is None for b in stream.adds.values())
-    exits = sum(not (n.users and all(_foldable_linear(gm, r) and r.args[0] is n for r in n.users))
-                for n in stream.norms)
+    exits = sum(
+        not (n.users and all(_foldable_linear(gm, r) and r.args[0] is n for r in n.users)) for n in stream.norms
+    )
     return len(stream.entries) + branches + exits
 
 
@@ -334,9 +360,16 @@ def _apply(gm: GraphModule, stream: _Stream, q: torch.Tensor) -> list[TransformR
             _online_linear(gm, norm, gamma[:, None] * q, beta, "exit")
             online += 1
         _unit_affine(gm, norm, d)
-    records.insert(0, TransformRecord(stream.norms[0].name, "rotate", True,
-                                      f"residual stream of {d} channels through {len(stream.norms)} LayerNorm(s) and "
-                                      f"{len(stream.adds)} residual add(s); {online} online d x d rotation(s)"))
+    records.insert(
+        0,
+        TransformRecord(
+            stream.norms[0].name,
+            "rotate",
+            True,
+            f"residual stream of {d} channels through {len(stream.norms)} LayerNorm(s) and "
+            f"{len(stream.adds)} residual add(s); {online} online d x d rotation(s)",
+        ),
+    )
     return records
 
 
@@ -359,14 +392,21 @@ def _rotate_mlp_inputs(gm: GraphModule, block: int) -> list[TransformRecord]:
     assert h is not None  # a power of two
     hb = h / math.sqrt(block)
     for lin in list(gm.graph.nodes):
-        if not (_foldable_linear(gm, lin) and isinstance(lin.args[0], Node) and lin.args[0].op == "call_function"
-                and lin.args[0].target in _ACTIVATIONS):
+        if not (
+            _foldable_linear(gm, lin)
+            and isinstance(lin.args[0], Node)
+            and lin.args[0].op == "call_function"
+            and lin.args[0].target in _ACTIVATIONS
+        ):
             continue
         x = lin.args[0]
         width = int(x.meta["val"].shape[-1])
         if width % block:
-            records.append(TransformRecord(lin.name, "rotate", False,
-                                           f"input width {width} is not a multiple of the block {block}"))
+            records.append(
+                TransformRecord(
+                    lin.name, "rotate", False, f"input width {width} is not a multiple of the block {block}"
+                )
+            )
             continue
         shape = list(x.meta["val"].shape)
         with gm.graph.inserting_after(x):
@@ -382,6 +422,9 @@ def _rotate_mlp_inputs(gm: GraphModule, block: int) -> list[TransformRecord]:
         # x W^T = (x Hbd)(W Hbd)^T for orthogonal block-diagonal Hbd
         full = torch.block_diag(*[hb] * (width // block))
         _set(gm, lin.args[1], _param(gm, lin.args[1]) @ full)
-        records.append(TransformRecord(lin.name, "rotate", True, f"online {block}-channel block Hadamard on its "
-                                                                 f"{width}-channel input"))
+        records.append(
+            TransformRecord(
+                lin.name, "rotate", True, f"online {block}-channel block Hadamard on its " f"{width}-channel input"
+            )
+        )
     return records

@@ -49,8 +49,9 @@ class _Site:
     weights: list[torch.Tensor]
 
 
-def smooth(gm: GraphModule, batches: Sequence[Batch], alpha: float | None = None, act_bits: int = 8,
-           weight_bits: int = 8) -> list[TransformRecord]:
+def smooth(
+    gm: GraphModule, batches: Sequence[Batch], alpha: float | None = None, act_bits: int = 8, weight_bits: int = 8
+) -> list[TransformRecord]:
     """Smooths every LayerNorm -> linear site of ``gm`` in place; returns one record per
     LayerNorm. ``alpha``: a fixed migration strength in [0, 1]; None picks one per site
     from ``SMOOTH_ALPHAS`` on ``batches`` at the given bit widths."""
@@ -75,13 +76,19 @@ def smooth(gm: GraphModule, batches: Sequence[Batch], alpha: float | None = None
         a_max = x.abs().amax(dim=0)
         chosen, gain = _choose(x, site.weights, a_max, w_max, alpha, act_bits, weight_bits)
         if chosen is None:
-            records.append(TransformRecord(site.norm.name, "smooth", False,
-                                           "no alpha lowers the readers' quantized output error"))
+            records.append(
+                TransformRecord(site.norm.name, "smooth", False, "no alpha lowers the readers' quantized output error")
+            )
             continue
         _apply(gm, site, _factors(a_max, w_max, chosen))
-        records.append(TransformRecord(site.norm.name, "smooth", True,
-                                       f"alpha {chosen:g} into {len(site.readers)} linear(s); readers' output "
-                                       f"error x{gain:.3f}"))
+        records.append(
+            TransformRecord(
+                site.norm.name,
+                "smooth",
+                True,
+                f"alpha {chosen:g} into {len(site.readers)} linear(s); readers' output " f"error x{gain:.3f}",
+            )
+        )
     gm.recompile()
     return records
 
@@ -90,8 +97,9 @@ def _site(gm: GraphModule, norm: Node) -> tuple[_Site | None, str]:
     """The LayerNorm's affine and readers, or None and why it cannot be smoothed exactly."""
     args = list(norm.args) + [None] * (5 - len(norm.args))
     w_node, b_node = args[2], args[3]
-    if not (isinstance(w_node, Node) and w_node.op == "get_attr" and isinstance(b_node, Node)
-            and b_node.op == "get_attr"):
+    if not (
+        isinstance(w_node, Node) and w_node.op == "get_attr" and isinstance(b_node, Node) and b_node.op == "get_attr"
+    ):
         return None, "LayerNorm without a weight and bias to fold the factors into"
     if len(w_node.users) > 1 or len(b_node.users) > 1:
         return None, "LayerNorm affine shared with another op"
@@ -105,8 +113,9 @@ def _site(gm: GraphModule, norm: Node) -> tuple[_Site | None, str]:
     for r in readers:
         if shared_weight(gm, r.args[1]):
             return None, f"{r.name}'s weight is also used elsewhere (tied weights)"
-    return _Site(norm, (str(w_node.target), str(b_node.target)), readers, [str(r.args[1].target) for r in readers],
-                 weights), ""
+    return _Site(
+        norm, (str(w_node.target), str(b_node.target)), readers, [str(r.args[1].target) for r in readers], weights
+    ), ""
 
 
 class _Recorder(Interpreter):
@@ -169,15 +178,20 @@ def _fq_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (w / scale).round().clamp(-qmax, qmax) * scale
 
 
-def _error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_bits: int,
-           weight_bits: int) -> float:
+def _error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_bits: int, weight_bits: int) -> float:
     xq = _fq_tensor(x / s, act_bits)
-    return sum(float((xq @ _fq_weight(w.detach() * s, weight_bits).T - x @ w.detach().T).pow(2).sum())
-               for w in weights)
+    return sum(float((xq @ _fq_weight(w.detach() * s, weight_bits).T - x @ w.detach().T).pow(2).sum()) for w in weights)
 
 
-def _choose(x: torch.Tensor, weights: list[torch.Tensor], a_max: torch.Tensor, w_max: torch.Tensor,
-            alpha: float | None, act_bits: int, weight_bits: int) -> tuple[float | None, float]:
+def _choose(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    a_max: torch.Tensor,
+    w_max: torch.Tensor,
+    alpha: float | None,
+    act_bits: int,
+    weight_bits: int,
+) -> tuple[float | None, float]:
     """(alpha, error ratio against no smoothing), or (None, 1) when none helps."""
     with torch.no_grad():
         base = _error(x, weights, torch.ones_like(a_max), act_bits, weight_bits)
