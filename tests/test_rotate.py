@@ -22,7 +22,7 @@ from esc_ao.transforms import ROTATION_KEY, rotate
 from esc_ao.transforms.rotate import hadamard, rotation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_transforms import _relative_error, _trained, _whisper  # noqa: E402
+from test_transforms import SHIPPED_MODELS, _relative_error, shipped_model  # noqa: E402
 
 _TOLERANCE = 1e-5
 
@@ -176,16 +176,9 @@ def test_rotation_raises_the_quantized_sqnr_and_keeps_rotations_at_8_bits() -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["conformer-ctc", "ast", "wav2vec2", "whisper-tiny.en", "whisper-base"])
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_rotation_is_exact_on_every_supported_model(name: str) -> None:
-    from test_integration import wav2vec2
-
-    if name.startswith("whisper-"):
-        model, batches = _whisper(name.removeprefix("whisper-"))
-    elif name == "wav2vec2":
-        model, batches = wav2vec2()
-    else:
-        model, batches = _trained(name)
+    model, batches = shipped_model(name)
     gm = export_model(model, batches[0])
     records = rotate(gm, mlp_block=64)
     for batch in batches[:2]:
