@@ -313,6 +313,7 @@ def _start(
     if cluster.is_driver:  # on the first (global) batches, so every world size starts alike
         layer_mse = local_mse_scales(prepared, dims, batches[: config.local_batches], config.local_grid)
     layer_mse = cluster.broadcast(layer_mse)
+    assert layer_mse is not None  # the driver's scales, on every rank
     # Start from whichever is better on the objective: the layer-output MSE scales or the
     # observers' own (for EscObserver, the tensor's own MSE optimum). Measured on a W4A4
     # Conformer, the layer-output step alone can start worse than tensor MSE.

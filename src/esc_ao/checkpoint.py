@@ -65,7 +65,7 @@ def encode(value: Any) -> Any:
             "__array__": value.dtype.str,
             "shape": list(value.shape),
             "order": order,
-            "data": value.ravel(order=order).tolist(),
+            "data": value.ravel(order="F" if order == "F" else "C").tolist(),
         }
     if type(value) is tuple:
         return {"__tuple__": [encode(v) for v in value]}
@@ -90,8 +90,9 @@ def decode(tree: Any) -> Any:
         raise ValueError(f"unexpected {type(tree).__name__} in checkpoint data")
     if "__array__" in tree:
         dtype = _dtype(tree["__array__"])
-        order = "F" if tree.get("order") == "F" else "C"
-        return np.asarray(tree["data"], dtype=dtype).reshape([int(n) for n in tree["shape"]], order=order)
+        shape = [int(n) for n in tree["shape"]]
+        data = np.asarray(tree["data"], dtype=dtype)
+        return data.reshape(shape, order="F") if tree.get("order") == "F" else data.reshape(shape, order="C")
     if "__scalar__" in tree:
         return _dtype(tree["__scalar__"]).type(tree["value"])
     if "__tuple__" in tree:

@@ -77,6 +77,7 @@ def _is_pair(dq: Node) -> bool:
 def _fold_constant(gm: GraphModule, node: Node, name: str) -> None:
     args = [_fetch(gm, a) for a in node.args]
     kwargs = {k: _fetch(gm, v) for k, v in node.kwargs.items()}
+    assert callable(node.target)  # a call_function node
     with torch.no_grad():
         value = node.target(*args, **kwargs)
     gm.register_buffer(name, value)

@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 __all__ = [
     "SKIP_KEY",
+    "arg_node",
     "copy_debug_meta",
     "decompose_sdpa",
     "drop_noop_casts",
@@ -33,6 +34,15 @@ __all__ = [
 SKIP_KEY = "esc_ao_keep_float"
 
 aten = torch.ops.aten
+
+
+def arg_node(node: Node, index: int) -> Node:
+    """``node.args[index]``, which the caller has established is a node (fx types an
+    argument as any of a dozen things)."""
+    arg = node.args[index]
+    if not isinstance(arg, Node):
+        raise TypeError(f"{node.name}: argument {index} is {type(arg).__name__}, not a graph node")
+    return arg
 
 
 def copy_debug_meta(src: Node, dst: Node) -> None:

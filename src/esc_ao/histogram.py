@@ -105,9 +105,11 @@ class SignedHistogram:
                 f"expected {2 * self.bins}: it was saved with another histogram_bins"
             )
         self.counts = counts.clone()
-        log2_range = state["log2_range"]
-        self.log2_range = None if log2_range is None else int(log2_range)  # type: ignore[arg-type]
-        self.pending_zeros = int(state.get("pending_zeros", 0))  # type: ignore[call-overload]
+        log2_range, pending = state["log2_range"], state.get("pending_zeros", 0)
+        if not (log2_range is None or isinstance(log2_range, int)) or not isinstance(pending, int):
+            raise ValueError(f"histogram state has log2_range={log2_range!r}, pending_zeros={pending!r}: not integers")
+        self.log2_range = log2_range
+        self.pending_zeros = pending
 
 
 def percentile_threshold(folded: np.ndarray, width: float, amax: float, percentile: float) -> float:

@@ -25,6 +25,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 
 from esc_ao.annotators import OP_ROLES
+from esc_ao.graph_prep import arg_node
 from esc_ao.observers import fake_quantize, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 from esc_ao.search_space import ScaleDim
@@ -119,8 +120,8 @@ def _linear_rows(site: Node, env: dict[Node, Any], path: list[Node], consumers: 
     x = env[site]
     rows = x.reshape(-1, x.shape[-1])
     step = max(1, rows.shape[0] // _ROWS)
-    w = env[lin.args[1]]
-    b = env[lin.args[2]] if len(lin.args) > 2 and lin.args[2] is not None else None
+    w = env[arg_node(lin, 1)]
+    b = env[arg_node(lin, 2)] if len(lin.args) > 2 and lin.args[2] is not None else None
     ref = env[lin].reshape(-1, w.shape[0])[::step]
     return rows[::step], w, b, ref
 
@@ -175,7 +176,7 @@ def _dim_error(
                     out = torch.nn.functional.linear(fake_quantize(x, scale, zp, qmin, qmax), w, b)
                     total += float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
                 else:
-                    xq = fake_quantize(env[site.args[0]], scale, zp, qmin, qmax)
+                    xq = fake_quantize(env[arg_node(site, 0)], scale, zp, qmin, qmax)
                     total += _layer_error(prepared, env, site, xq, path, consumers)
         return total
 

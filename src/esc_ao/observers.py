@@ -114,6 +114,8 @@ class ActivationObserver(UniformQuantizationObserverBase):
             raise ValueError(f"{type(self).__name__} is per-tensor; got qscheme={qscheme}")
         self.percentile = percentile
         self.histogram = SignedHistogram(histogram_bins)
+        self.min_val: torch.Tensor
+        self.max_val: torch.Tensor
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.label = "unlabelled"  # set by the quantizer: the graph edge this observer watches
@@ -292,6 +294,7 @@ class PerChannelWeightObserver(UniformQuantizationObserverBase):
     ) -> None:
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
         self.ch_axis = ch_axis
+        self.absmax: torch.Tensor
         self.register_buffer("absmax", torch.tensor([]))
         self.label = "unlabelled"
         self.observing = True

@@ -277,7 +277,7 @@ def split_method(method: str) -> tuple[str, Recipe]:
             f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf) and one GPTQ "
             "flag (+gptq or +gptqa)"
         )
-    residual = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
+    residual: ResidualPrecision = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(
         target="xnnpack" if "xnn" in flags else "reference",
         residual=residual,

@@ -31,7 +31,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.annotators import uses_groups
-from esc_ao.graph_prep import replace_parameter, resolve_attr, tied_linears
+from esc_ao.graph_prep import arg_node, replace_parameter, resolve_attr, tied_linears
 from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
 from esc_ao.transforms.records import TransformRecord, check_finite
@@ -55,7 +55,8 @@ class _Hessians(Interpreter):
 
     def run_node(self, n: Node) -> object:
         if n.name in self.linears:
-            x = self.env[n.args[0]].detach().reshape(-1, self.env[n.args[0]].shape[-1]).double()
+            x_in = self.env[arg_node(n, 0)]
+            x = x_in.detach().reshape(-1, x_in.shape[-1]).double()
             check_finite(x, "gptq", f"the input of {n.name}")
             self.h[n.name] = self.h.get(n.name, 0) + x.T @ x
             self.rows[n.name] = self.rows.get(n.name, 0) + x.shape[0]

@@ -42,7 +42,15 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-from esc_ao.graph_prep import copy_debug_meta, drop_noop_casts, replace_parameter, resolve_attr, shared_weight, tidy
+from esc_ao.graph_prep import (
+    arg_node,
+    copy_debug_meta,
+    drop_noop_casts,
+    replace_parameter,
+    resolve_attr,
+    shared_weight,
+    tidy,
+)
 from esc_ao.transforms.records import TransformRecord
 
 __all__ = ["ROTATION_KEY", "hadamard", "rotate", "rotation"]
@@ -196,7 +204,7 @@ def _check(gm: GraphModule, stream: _Stream) -> str:
     """Why the stream cannot be rotated exactly, or ''."""
     d = stream.values[0].meta["val"].shape[-1]
     for norm in stream.norms:
-        shape = list(norm.args[1])
+        shape = list(norm.args[1]) if isinstance(norm.args[1], (list, tuple)) else norm.args[1]
         if shape != [d]:
             return f"{norm.name} normalises over {shape}, not the last dimension alone ({d})"
         for arg in norm.args[2:4]:
@@ -269,8 +277,14 @@ def _online_linear(
     return lin
 
 
-def _param(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
-    return None if node is None else resolve_attr(gm, str(node.target)).detach().double()
+def _param(gm: GraphModule, node: Node) -> torch.Tensor:
+    return resolve_attr(gm, str(node.target)).detach().double()
+
+
+def _optional(node: Node, index: int) -> Node | None:
+    """``node.args[index]`` when present and a node (a bias, a LayerNorm's affine)."""
+    arg = node.args[index] if len(node.args) > index else None
+    return arg if isinstance(arg, Node) else None
 
 
 def _set(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
@@ -320,9 +334,11 @@ def _online_count(gm: GraphModule, stream: _Stream) -> int:
 
 def _fold_output(gm: GraphModule, lin: Node, q: torch.Tensor) -> None:
     """The linear's output rotated: y Q = x (Q^T W)^T + b Q."""
-    _set(gm, lin.args[1], q.T @ _param(gm, lin.args[1]))
-    if len(lin.args) > 2 and lin.args[2] is not None:
-        _set(gm, lin.args[2], _param(gm, lin.args[2]) @ q)
+    weight = arg_node(lin, 1)
+    _set(gm, weight, q.T @ _param(gm, weight))
+    bias = _optional(lin, 2)
+    if bias is not None:
+        _set(gm, bias, _param(gm, bias) @ q)
 
 
 def _apply(gm: GraphModule, stream: _Stream, q: torch.Tensor) -> list[TransformRecord]:
@@ -341,19 +357,19 @@ def _apply(gm: GraphModule, stream: _Stream, q: torch.Tensor) -> list[TransformR
             _fold_output(gm, lin, q)
     d = q.shape[0]
     for norm in stream.norms:
-        gamma = _param(gm, norm.args[2] if len(norm.args) > 2 else None)
-        beta = _param(gm, norm.args[3] if len(norm.args) > 3 else None)
-        gamma = torch.ones(d, dtype=torch.float64) if gamma is None else gamma
-        beta = torch.zeros(d, dtype=torch.float64) if beta is None else beta
+        g_node, b_node = _optional(norm, 2), _optional(norm, 3)
+        gamma = torch.ones(d, dtype=torch.float64) if g_node is None else _param(gm, g_node)
+        beta = torch.zeros(d, dtype=torch.float64) if b_node is None else _param(gm, b_node)
         readers = list(norm.users)
         if readers and all(_foldable_linear(gm, r) and r.args[0] is norm for r in readers):
             for r in readers:
-                w = _param(gm, r.args[1])
-                _set(gm, r.args[1], w * gamma @ q)
-                if len(r.args) > 2 and r.args[2] is not None:
-                    _set(gm, r.args[2], _param(gm, r.args[2]) + w @ beta)
+                w_node, r_bias = arg_node(r, 1), _optional(r, 2)
+                w = _param(gm, w_node)
+                _set(gm, w_node, w * gamma @ q)
+                if r_bias is not None:
+                    _set(gm, r_bias, _param(gm, r_bias) + w @ beta)
                 else:
-                    with gm.graph.inserting_after(r.args[1]):
+                    with gm.graph.inserting_after(w_node):
                         b = _get_attr(gm, _new_param(gm, "bias", w @ beta))
                     r.args = (r.args[0], r.args[1], b)
         else:
@@ -377,8 +393,9 @@ def _unit_affine(gm: GraphModule, norm: Node, d: int) -> None:
     """The LayerNorm's affine becomes (1, 0): it now lives in its readers."""
     args = list(norm.args) + [None] * (5 - len(norm.args))
     for i, value in ((2, torch.ones(d)), (3, torch.zeros(d))):
-        if isinstance(args[i], Node):
-            _set(gm, args[i], value.double())
+        current = args[i]
+        if isinstance(current, Node):
+            _set(gm, current, value.double())
         else:
             with gm.graph.inserting_before(norm):
                 args[i] = _get_attr(gm, _new_param(gm, "affine", value))
@@ -421,7 +438,8 @@ def _rotate_mlp_inputs(gm: GraphModule, block: int) -> list[TransformRecord]:
         lin.replace_input_with(x, flat)
         # x W^T = (x Hbd)(W Hbd)^T for orthogonal block-diagonal Hbd
         full = torch.block_diag(*[hb] * (width // block))
-        _set(gm, lin.args[1], _param(gm, lin.args[1]) @ full)
+        weight = arg_node(lin, 1)
+        _set(gm, weight, _param(gm, weight) @ full)
         records.append(
             TransformRecord(
                 lin.name, "rotate", True, f"online {block}-channel block Hadamard on its " f"{width}-channel input"

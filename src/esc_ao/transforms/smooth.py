@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.graph_prep import drop_noop_casts, replace_parameter, resolve_attr, shared_weight
+from esc_ao.graph_prep import arg_node, drop_noop_casts, replace_parameter, resolve_attr, shared_weight
 from esc_ao.observers import qrange
 from esc_ao.pipeline import Batch
 from esc_ao.transforms.records import TransformRecord, check_finite
@@ -109,12 +109,12 @@ def _site(gm: GraphModule, norm: Node) -> tuple[_Site | None, str]:
             return None, f"output read by {r.name} ({r.target}), not only by linear inputs"
         if not (isinstance(r.args[1], Node) and r.args[1].op == "get_attr"):
             return None, f"{r.name}'s weight is not a parameter of the graph"
-    weights = [resolve_attr(gm, r.args[1].target) for r in readers]
+    weights = [resolve_attr(gm, str(arg_node(r, 1).target)) for r in readers]
     for r in readers:
-        if shared_weight(gm, r.args[1]):
+        if shared_weight(gm, arg_node(r, 1)):
             return None, f"{r.name}'s weight is also used elsewhere (tied weights)"
     return _Site(
-        norm, (str(w_node.target), str(b_node.target)), readers, [str(r.args[1].target) for r in readers], weights
+        norm, (str(w_node.target), str(b_node.target)), readers, [str(arg_node(r, 1).target) for r in readers], weights
     ), ""
 
 
