@@ -43,6 +43,8 @@ from torchao.quantization.pt2e.quantizer import (
 __all__ = [
     "ANNOTATION_KEY",
     "OP_ROLES",
+    "POLICY",
+    "Policy",
     "RESIDUAL_PRECISIONS",
     "TARGETS",
     "ResidualPrecision",
@@ -53,7 +55,6 @@ __all__ = [
     "float_tensor_inputs",
     "graph_outputs",
     "residual_adds",
-    "xnnpack_skip_reason",
 ]
 
 aten = torch.ops.aten
@@ -181,11 +182,32 @@ def _is_float_tensor(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def xnnpack_skip_reason(role: Role) -> str | None:
-    """Why target='xnnpack' leaves an op of this role float, or None."""
-    if role == "matmul":
-        return "XNNPACK runs bmm in float only (target='xnnpack')"
-    return None
+@dataclass(frozen=True)
+class Policy:
+    """What a target does with an op of one role: whether the op's tensor inputs and its
+    output are quantized, how the report says so, and (``skip``) why the op stays float."""
+
+    inputs: bool
+    output: bool
+    report: str
+    skip: str | None = None
+
+
+# The annotation policy, read by annotate_node, by EscQuantizer's report and by the tests.
+# Passthroughs are not in it: their output shares their input's grid wherever a quantized
+# op consumes them.
+POLICY: dict[tuple[str, str], Policy] = {
+    ("reference", "weighted"): Policy(True, False, "per-channel weight, per-tensor input"),
+    ("reference", "binary"): Policy(True, False, "per-tensor inputs"),
+    ("reference", "matmul"): Policy(True, False, "per-tensor inputs"),
+    ("reference", "norm"): Policy(True, True, "per-tensor input and output"),
+    # a static int8 XNNPACK operator reads int8 and writes int8
+    ("xnnpack", "weighted"): Policy(True, True, "per-channel weight, per-tensor input and output"),
+    ("xnnpack", "binary"): Policy(True, True, "per-tensor inputs and output"),
+    ("xnnpack", "matmul"): Policy(False, False, "", skip="XNNPACK runs bmm in float only (target='xnnpack')"),
+    # LayerNorm runs as float ops; its input is already the int8 output of a residual add
+    ("xnnpack", "norm"): Policy(False, True, "per-tensor output"),
+}
 
 
 def annotate_node(
@@ -206,38 +228,40 @@ def annotate_node(
     if not _is_float_tensor(node):
         return False
     act = specs.activation
-    xnn = target == "xnnpack"
 
     def grid(x: Node) -> QuantizationSpec:
         return specs.wide if x in wide else act
 
     inputs: dict[Node, QuantizationSpec | SharedQuantizationSpec] = {}
-    output = None
+    output: QuantizationSpec | SharedQuantizationSpec | None = None
     if float_output and role != "weighted":
         return False
-    if role == "weighted":
-        x, w = node.args[0], node.args[1]
-        if not (isinstance(x, Node) and isinstance(w, Node)):
-            return False
-        if float_output:
-            inputs, output = {x: specs.dynamic, w: specs.weight_for(node)}, None
-        else:
-            inputs, output = {x: grid(x), w: specs.weight_for(node)}, (act if xnn else None)
-    elif role in ("binary", "matmul"):
-        tensors = float_tensor_inputs(node)
-        if len(tensors) < 2:
-            return False
-        inputs, output = {t: grid(t) for t in tensors}, (act if xnn else None)
-    elif role == "norm":
-        x = node.args[0]
-        if not isinstance(x, Node):
-            return False
-        inputs, output = ({} if xnn else {x: grid(x)}), act
-    else:  # passthrough
+    if role == "passthrough":
         x = node.args[0]
         if not isinstance(x, Node) or not _is_float_tensor(x):
             return False
         inputs, output = {x: act}, SharedQuantizationSpec((x, node))
+    else:
+        policy = POLICY[(target, role)]
+        if role == "weighted":
+            x, w = node.args[0], node.args[1]
+            if not (isinstance(x, Node) and isinstance(w, Node)):
+                return False
+            # a float output (graph output, float stream): a dynamically quantized input
+            inputs = {x: specs.dynamic if float_output else grid(x), w: specs.weight_for(node)}
+        elif role in ("binary", "matmul"):
+            tensors = float_tensor_inputs(node)
+            if len(tensors) < 2:
+                return False
+            inputs = {t: grid(t) for t in tensors}
+        else:  # norm
+            x = node.args[0]
+            if not isinstance(x, Node):
+                return False
+            inputs = {x: grid(x)}
+        if not policy.inputs:
+            inputs = {}
+        output = act if policy.output and not float_output else None
     inputs = {x: spec for x, spec in inputs.items() if x not in unquantized}
     node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
     return True

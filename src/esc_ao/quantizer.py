@@ -23,6 +23,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from esc_ao.annotators import (
     OP_ROLES,
+    POLICY,
     RESIDUAL_PRECISIONS,
     TARGETS,
     ResidualPrecision,
@@ -35,7 +36,6 @@ from esc_ao.annotators import (
     is_annotated,
     residual_adds,
     uses_groups,
-    xnnpack_skip_reason,
 )
 from esc_ao.config import QuantConfig
 from esc_ao.graph_prep import SKIP_KEY, decompose_sdpa, drop_noop_casts
@@ -304,7 +304,7 @@ class EscQuantizer(Quantizer):
             return AnnotationRecord(node.name, op, module, False, "float", f"kept float by {source}")
         if SKIP_KEY in node.meta:
             return AnnotationRecord(node.name, op, module, False, "float", str(node.meta[SKIP_KEY]))
-        skip = xnnpack_skip_reason(role) if self.target == "xnnpack" else None
+        skip = POLICY[(self.target, role)].skip
         if skip is not None:
             return AnnotationRecord(node.name, op, module, False, "float", skip)
         residual = node in self._residual
@@ -340,18 +340,7 @@ class EscQuantizer(Quantizer):
                 if float_out
                 else "fewer than two tensor operands (scalar operand folds into the scale)",
             )
-        detail = {
-            "weighted": "per-channel weight, per-tensor input",
-            "binary": "per-tensor inputs",
-            "matmul": "per-tensor inputs",
-            "norm": "per-tensor input and output",
-        }[role]
-        if self.target == "xnnpack":
-            detail = {
-                "weighted": "per-channel weight, per-tensor input and output",
-                "binary": "per-tensor inputs and output",
-                "norm": "per-tensor output",
-            }[role]
+        detail = POLICY[(self.target, role)].report
         if uses_groups(node, config.weight_group):
             detail = detail.replace("per-channel weight", f"group-{config.weight_group} weight")
         if wide & stream:
