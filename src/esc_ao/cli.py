@@ -85,10 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--attention-probs",
-        default=None,
+        default="int8",
         choices=("int8", "int16"),
-        help="the attention probabilities' grid (softmax outputs an attention matmul reads); default: "
-        "int16 on the reference target (xnnpack runs attention in float)",
+        help="the attention probabilities' grid (softmax outputs an attention matmul reads): int16 on the reference "
+        "target only (xnnpack runs attention in float); default int8",
     )
     r.add_argument(
         "--rotate",
@@ -334,7 +334,6 @@ def _quantize(args: argparse.Namespace) -> int:
     try:  # Recipe checks the combination (--residual/--attention-probs with --target, the budget's range)
         if args.rotate_block is not None and not args.rotate:
             raise ValueError(f"--rotate-block {args.rotate_block} needs --rotate")
-        probs = args.attention_probs or ("int16" if args.target == "reference" else "int8")
         recipe = Recipe(
             target=args.target,
             residual=residual,
@@ -344,7 +343,7 @@ def _quantize(args: argparse.Namespace) -> int:
             precision_budget=args.precision_budget,
             rotate=args.rotate,
             rotate_block=args.rotate_block,
-            probs16=probs == "int16",
+            probs16=args.attention_probs == "int16",
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
