@@ -11,7 +11,8 @@ output SQNR (keys and values against float, held-out real utterances) is measure
 
 The weights are grouped the same way by the layer that reads them (block indices
 dropped: ``encoder.blocks.*.mlp.2``): "float <layer>" keeps those weights float, "only
-<layer>" quantizes only them (activations float in both).
+<layer>" quantizes only them (activations float in both). Float weights are those after
+the recipe's float-exact transforms (smoothing, rotation) and before GPTQ's rounding.
 
     python examples/tensor_groups.py --model tiny.en --method mse+r16 --bits w8a8
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -123,8 +125,8 @@ def _weighted(gm: GraphModule) -> list[Node]:
 
 
 def _float_weights(prepared: GraphModule) -> dict[str, torch.Tensor]:
-    """Each linear/conv node's float weight in the prepared (observed) graph, by node name
-    (convert keeps the names; it replaces the weights by integers)."""
+    """Each linear/conv node's weight in a graph (prepared or not), by node name (convert
+    keeps the names; it replaces the weights by integers)."""
     out = {}
     for node in prepared.graph.nodes:
         if node.op == "call_function" and node.target in _WEIGHTED and isinstance(node.args[1], Node):
@@ -181,10 +183,14 @@ def main() -> None:
     with torch.no_grad():
         refs = [audio(m) for m in test]
     base, recipe = split_method(args.method)
-    ready = recipe.prepare(
-        export_model(audio, (calib[0],)), [(m,) for m in calib], QuantConfig.from_label(args.bits, method=base)
-    )
-    floats = _float_weights(ready.model)
+    config = QuantConfig.from_label(args.bits, method=base)
+    exported = export_model(audio, (calib[0],))
+    # "float" weights: after the recipe's float-exact transforms, before GPTQ rounds them
+    # onto their grid (node names are the same in both copies)
+    unrounded = copy.deepcopy(exported)
+    dataclasses.replace(recipe, gptq=False).transform(unrounded, [(m,) for m in calib], config)
+    floats = _float_weights(unrounded)
+    ready = recipe.prepare(exported, [(m,) for m in calib], config)
     quantized = convert(ready.model)
     groups: dict[str, list[str]] = defaultdict(list)
     for dq in _pairs(quantized):
