@@ -138,6 +138,14 @@ def _float_weights(prepared: GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
+def _matched(weights: list[torch.Tensor], layers: list[Node]) -> dict[str, torch.Tensor]:
+    """The float weights of a graph's linears/convs (in graph order) by the names of the
+    converted graph's layers (prepare renames nodes; their order and shapes stay)."""
+    if len(weights) != len(layers):
+        raise ValueError(f"{len(weights)} float weights for {len(layers)} quantized layers: the graphs differ")
+    return {layer.name: w for layer, w in zip(layers, weights)}
+
+
 def _layer(node: Node) -> str:
     """The module path of a layer, block indices replaced by '*'."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -189,9 +197,9 @@ def main() -> None:
     # onto their grid (node names are the same in both copies)
     unrounded = copy.deepcopy(exported)
     dataclasses.replace(recipe, gptq=False).transform(unrounded, [(m,) for m in calib], config)
-    floats = _float_weights(unrounded)
     ready = recipe.prepare(exported, [(m,) for m in calib], config)
     quantized = convert(ready.model)
+    floats = _matched(list(_float_weights(unrounded).values()), _weighted(quantized))
     groups: dict[str, list[str]] = defaultdict(list)
     for dq in _pairs(quantized):
         groups[_group(dq.args[0].args[0])].append(dq.name)

@@ -5,6 +5,7 @@ layer."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -29,10 +30,12 @@ def test_groups_and_surgery(groups) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = Attention().eval()
     batches = [(torch.randn(1, 40, 16),) for _ in range(3)]
-    prepared = prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(method="max")))
+    exported = export_model(model, batches[0])
+    before = groups._float_weights(copy.deepcopy(exported))  # prepare renames the nodes
+    prepared = prepare(exported, EscQuantizer(QuantConfig(method="max")))
     observe(prepared, batches)
-    floats = groups._float_weights(prepared)
     quantized = convert(prepared)
+    floats = groups._matched(list(before.values()), groups._weighted(quantized))
     pairs = groups._pairs(quantized)
     names = {dq.name: groups._group(dq.args[0].args[0]) for dq in pairs}
     assert {"placeholder", "softmax", "linear"} <= set(names.values())
