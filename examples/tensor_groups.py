@@ -196,7 +196,7 @@ def main() -> None:
     # "float" weights: after the recipe's float-exact transforms, before GPTQ rounds them
     # onto their grid (node names are the same in both copies)
     unrounded = copy.deepcopy(exported)
-    dataclasses.replace(recipe, gptq=False).transform(unrounded, [(m,) for m in calib], config)
+    dataclasses.replace(recipe, gptq=False, act_order=False).transform(unrounded, [(m,) for m in calib], config)
     ready = recipe.prepare(exported, [(m,) for m in calib], config)
     quantized = convert(ready.model)
     floats = _matched(list(_float_weights(unrounded).values()), _weighted(quantized))
