@@ -51,22 +51,19 @@ def _run(module, corpus, tmp_path: Path, monkeypatch, extra: list[str]) -> Path:
     return out
 
 
+def _small_corpus(name: str, kind: str, splits: dict[str, dict[str, int]], root: Path):  # type: ignore[no-untyped-def]
+    """A corpus of a few clips per split, rendered under ``root``."""
+    spec = CorpusSpec(name, kind, splits, train_voices=VOICES, test_only_voices=UNSEEN)
+    return load_corpus(spec, root=root, workers=2)
+
+
 def test_ast_recipe(tmp_path: Path, monkeypatch) -> None:
-    corpus = load_corpus(
-        CorpusSpec(
-            "recipe-kws",
-            "kws",
-            {
-                "train": {"keywords": 1, "unknown": 2, "silence": 2},
-                "calibration": {"keywords": 0, "unknown": 2, "silence": 2},
-                "test": {"keywords": 0, "unknown": 2, "silence": 2},
-            },
-            train_voices=VOICES,
-            test_only_voices=UNSEEN,
-        ),
-        root=tmp_path,
-        workers=2,
-    )
+    splits = {
+        "train": {"keywords": 1, "unknown": 2, "silence": 2},
+        "calibration": {"keywords": 0, "unknown": 2, "silence": 2},
+        "test": {"keywords": 0, "unknown": 2, "silence": 2},
+    }
+    corpus = _small_corpus("recipe-kws", "kws", splits, tmp_path)
     module = _recipe("train_ast")
     monkeypatch.setitem(module.CONFIG, "layers", 1)
     out = _run(module, corpus, tmp_path, monkeypatch, ["--batch", "16"])
@@ -78,21 +75,12 @@ def test_ast_recipe(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_conformer_recipe_resumes(tmp_path: Path, monkeypatch) -> None:
-    corpus = load_corpus(
-        CorpusSpec(
-            "recipe-asr",
-            "asr",
-            {
-                "train": {"sentences": 4, "digits": 2, "commands": 2},
-                "calibration": {"sentences": 1, "digits": 1, "commands": 1},
-                "test": {"sentences": 2, "digits": 0, "commands": 0},
-            },
-            train_voices=VOICES,
-            test_only_voices=UNSEEN,
-        ),
-        root=tmp_path,
-        workers=2,
-    )
+    splits = {
+        "train": {"sentences": 4, "digits": 2, "commands": 2},
+        "calibration": {"sentences": 1, "digits": 1, "commands": 1},
+        "test": {"sentences": 2, "digits": 0, "commands": 0},
+    }
+    corpus = _small_corpus("recipe-asr", "asr", splits, tmp_path)
     module = _recipe("train_conformer_ctc")
     monkeypatch.setitem(module.CONFIG, "layers", 1)
     out = _run(module, corpus, tmp_path, monkeypatch, [])
