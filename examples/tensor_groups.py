@@ -38,7 +38,7 @@ from esc_ao import QuantConfig, convert, export_model
 from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.config import BIT_LABELS
-from esc_ao.graph_prep import resolve_attr
+from esc_ao.graph_prep import drop_noop_casts, resolve_attr
 from esc_ao.recipe import split_method
 
 aten = torch.ops.aten
@@ -196,6 +196,7 @@ def main() -> None:
     # "float" weights: after the recipe's float-exact transforms, before GPTQ rounds them
     # onto their grid (node names are the same in both copies)
     unrounded = copy.deepcopy(exported)
+    drop_noop_casts(unrounded)  # openai-whisper casts each weight to the input's dtype
     dataclasses.replace(recipe, gptq=False, act_order=False).transform(unrounded, [(m,) for m in calib], config)
     ready = recipe.prepare(exported, [(m,) for m in calib], config)
     quantized = convert(ready.model)
