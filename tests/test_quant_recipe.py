@@ -114,3 +114,24 @@ def test_sizes_count_each_weight_at_its_own_width() -> None:
     tied = split_method("max+t8")[1].prepare(export_model(model, batch), [batch], w4).model
     # the 20 x 8 tied projection at 8 bits instead of 4: 80 bytes more, scales unchanged
     assert weight_bytes(tied)["quantized_bytes"] - weight_bytes(plain)["quantized_bytes"] == 80
+
+
+class _ConvFront(torch.nn.Module):
+    """A conv front end before a linear, as Whisper's encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.gelu(self.conv(x)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("label, conv", [("w4a8", "w8a8"), ("w4a4", "w8a4"), ("w8a8", "w8a8")])
+def test_convolutions_keep_8_bit_weights_under_4_bits(label: str, conv: str) -> None:
+    torch.manual_seed(0)
+    model, batch = _ConvFront().eval(), (torch.randn(2, 4, 10),)
+    ready = split_method("max+c8")[1].prepare(export_model(model, batch), [batch], QuantConfig.from_label(label))
+    configs = {r.op: r.config for r in ready.quantizer.records() if r.quantized}
+    assert configs["aten.conv1d.default"] == conv and configs["aten.linear.default"] == label
