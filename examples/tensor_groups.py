@@ -35,6 +35,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from esc_ao import QuantConfig, convert, export_model
+from esc_ao.annotators import OP_ROLES
 from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.tasks import calibration_sample, load_eval_corpus
 from esc_ao.config import BIT_LABELS
@@ -59,7 +60,7 @@ _MOVES = {
     aten.expand.default,
     aten._unsafe_view.default,
 }
-_WEIGHTED = {aten.linear.default, aten.conv1d.default, aten.conv2d.default}
+_WEIGHTED = {t for t, role in OP_ROLES.items() if role == "weighted"}  # linears and convs
 
 
 def _group(node: Node) -> str:

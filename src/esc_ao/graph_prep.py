@@ -23,6 +23,7 @@ __all__ = [
     "copy_debug_meta",
     "decompose_sdpa",
     "drop_noop_casts",
+    "emit_like",
     "replace_parameter",
     "resolve_attr",
     "shared_weight",
@@ -43,6 +44,19 @@ def arg_node(node: Node, index: int) -> Node:
     if not isinstance(arg, Node):
         raise TypeError(f"{node.name}: argument {index} is {type(arg).__name__}, not a graph node")
     return arg
+
+
+def emit_like(gm: GraphModule, like: Node, target: Callable[..., Any], *args: Any, fake_mode: Any = None) -> Node:
+    """A call_function node of ``target`` at the graph's insertion point, with ``like``'s
+    module metadata and, under ``fake_mode``, a fake value (what the quantizer's annotators
+    and later rewrites read)."""
+    new = gm.graph.call_function(target, args)
+    copy_debug_meta(like, new)
+    if fake_mode is not None:
+        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
+        with fake_mode:
+            new.meta["val"] = target(*vals)
+    return new
 
 
 def copy_debug_meta(src: Node, dst: Node) -> None:
@@ -189,12 +203,7 @@ def _rewrite_sdpa(gm: GraphModule, node: Node, fake_mode: Any) -> None:
     g = gm.graph
 
     def emit(target: Callable[..., Any], *args: Any) -> Node:
-        new = g.call_function(target, args)
-        copy_debug_meta(node, new)
-        vals = [x.meta["val"] if isinstance(x, Node) else x for x in args]
-        with fake_mode:
-            new.meta["val"] = target(*vals)
-        return new
+        return emit_like(gm, node, target, *args, fake_mode=fake_mode)
 
     with g.inserting_before(node):
         scores = emit(aten.matmul.default, q, emit(aten.transpose.int, k, -2, -1))

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch.fx import GraphModule
 
-from esc_ao.annotators import ResidualPrecision, Target
+from esc_ao.annotators import OP_ROLES, ResidualPrecision, Target
 from esc_ao.config import QuantConfig
 from esc_ao.graph_prep import tied_linears
 from esc_ao.pipeline import Batch, observe, prepare
@@ -64,11 +64,9 @@ RECIPE_FLAGS: dict[str, str] = {
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
 SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
 GPTQ_BATCHES = 32  # calibration batches GPTQ's Hessians are estimated on
-PLAN_BATCHES = 4
-_CONVS = {
-    torch.ops.aten.conv1d.default,
-    torch.ops.aten.conv2d.default,
-}  # calibration batches the precision plan's sensitivities are measured on
+PLAN_BATCHES = 4  # calibration batches the precision plan's sensitivities are measured on
+# the weighted ops that are not linears: what +c8 keeps at 8-bit weights
+_CONVS = {t for t, role in OP_ROLES.items() if role == "weighted"} - {torch.ops.aten.linear.default}
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,8 @@ class Recipe:
 
     def quantizer(self, config: QuantConfig, graph: GraphModule | None = None) -> EscQuantizer:
         """EscQuantizer for this recipe; with ``graph`` (the exported graph it will prepare)
-        and ``tied_8bit``, its tied-weight linears get 8-bit weights under a 4-bit config."""
+        and a 4-bit config, its overrides: tied-weight linears (``tied_8bit``) and convs
+        (``conv_8bit``) at 8-bit weights, online rotations at 8-bit inputs."""
         config = self.configure(config)
         quantizer = EscQuantizer(
             config, target=self.target, residual=self.residual, attention_probs="int16" if self.probs16 else "int8"

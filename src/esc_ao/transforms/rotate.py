@@ -44,8 +44,8 @@ from torch.fx import GraphModule, Node
 
 from esc_ao.graph_prep import (
     arg_node,
-    copy_debug_meta,
     drop_noop_casts,
+    emit_like,
     replace_parameter,
     resolve_attr,
     shared_weight,
@@ -231,21 +231,16 @@ def _new_param(gm: GraphModule, stem: str, value: torch.Tensor) -> str:
 
 
 def _emit(gm: GraphModule, like: Node, target: Callable[..., Any], *args: Any) -> Node:
-    """A call_function node with ``like``'s module metadata and a fake value."""
-    g = gm.graph
-    new = g.call_function(target, args)
-    copy_debug_meta(like, new)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in g.nodes if n.op == "placeholder"])
-    vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
-    if fake_mode is not None:
-        with fake_mode:
-            new.meta["val"] = target(*vals)
-    return new
+    return emit_like(gm, like, target, *args, fake_mode=_fake_mode(gm))
+
+
+def _fake_mode(gm: GraphModule) -> Any:
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
 
 
 def _get_attr(gm: GraphModule, target: str) -> Node:
     node = gm.graph.get_attr(target)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    fake_mode = _fake_mode(gm)
     value = resolve_attr(gm, target)
     node.meta["val"] = fake_mode.from_tensor(value) if fake_mode is not None else value
     return node
