@@ -28,6 +28,7 @@ __all__ = [
     "observer_stats",
     "output_sqnr",
     "sqnr_db",
+    "tensor_sqnr_db",
     "weight_bytes",
 ]
 
@@ -39,6 +40,13 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     if signal_power <= 0.0:
         return -math.inf
     return 10.0 * math.log10(signal_power / noise_power)
+
+
+def tensor_sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - other|^2) (esc_ao.report.sqnr_db of the two powers); +inf
+    when identical."""
+    signal = reference.double().pow(2).sum().item()
+    return sqnr_db(signal, (reference.double() - other.double()).pow(2).sum().item())
 
 
 class _Capture(Interpreter):

@@ -32,7 +32,15 @@ from torch.fx import GraphModule, Node
 
 from esc_ao.graph_prep import resolve_attr, tidy
 
-__all__ = ["CudaLowering", "compile_for_cuda", "int8_linear", "lower_int8_linears"]
+__all__ = [
+    "CudaLowering",
+    "compile_for_cuda",
+    "int8_dequantize",
+    "int8_dynamic_qparams",
+    "int8_linear",
+    "int8_quantize",
+    "lower_int8_linears",
+]
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
@@ -51,6 +59,12 @@ def int8_linear(
     (a dynamically quantized input)."""
     lead = x_q.shape[:-1]
     acc = torch._int_mm(x_q.reshape(-1, x_q.shape[-1]), w_q.t())
+    if isinstance(x_zero_point, torch.Tensor):
+        x_zero_point = x_zero_point.to(torch.int32)  # choose_qparams gives int64
+    if isinstance(x_scale, torch.Tensor):
+        # choose_qparams gives a float64 scale, which would promote the output (and every
+        # float op after it) to float64.
+        x_scale = x_scale.to(torch.float32)
     if isinstance(x_zero_point, torch.Tensor) or x_zero_point != 0:
         # (q_x - z_x) . w = q_x . w - z_x * sum_k w: the correction is per output column.
         acc = acc - x_zero_point * w_q.sum(dim=1, dtype=torch.int32)
@@ -58,6 +72,31 @@ def int8_linear(
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w_q.shape[0])
+
+
+def int8_dynamic_qparams(x: torch.Tensor, qmin: int, qmax: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``choose_qparams.tensor``'s affine per-tensor scale and zero point, computed on
+    ``x``'s device without a host sync: the decomposed op builds its ``eps`` on the CPU,
+    which torch.compile rejects next to a CUDA input, and reads the scale back with
+    ``.item()``. Scale float32, zero point int32, both 0-d."""
+    lo, hi = torch.aminmax(x.float())
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = ((hi - lo) / float(qmax - qmin)).clamp(min=eps)
+    zero_point = (qmin - torch.round(lo / scale).to(torch.int32)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def int8_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``quantize_per_tensor.tensor`` with run-time qparams, as device code (the decomposed
+    op reads them back to the host)."""
+    q = torch.round(x.float() * (1.0 / scale)) + zero_point
+    return q.clamp(qmin, qmax).to(torch.int8)
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``dequantize_per_tensor.tensor`` as device code (for dynamic inputs whose reader
+    stays on the reference path)."""
+    return (q.to(torch.float32) - zero_point) * scale
 
 
 @dataclass(frozen=True)
@@ -107,6 +146,20 @@ def _match(gm: GraphModule, linear: Node) -> tuple[tuple, str | None]:
     return (x_q, x_scale, x_zp, w_dq.args[0], w_dq.args[1], bias), None
 
 
+def _device_dynamic_quantization(gm: GraphModule) -> None:
+    """Run-time int8 quantization (the XNNPACK target's dynamic inputs) as device code."""
+    for node in gm.graph.nodes:
+        if _is(node, qd.choose_qparams.tensor) and node.args[4] == torch.int8:
+            node.target = int8_dynamic_qparams
+            node.args = node.args[:4]
+        elif _is(node, qd.quantize_per_tensor.tensor) and node.args[5] == torch.int8:
+            node.target = int8_quantize
+            node.args = node.args[:5]
+        elif _is(node, qd.dequantize_per_tensor.tensor) and node.args[5] == torch.int8:
+            node.target = int8_dequantize
+            node.args = node.args[:3]
+
+
 def lower_int8_linears(gm: GraphModule) -> CudaLowering:
     """Rewrites the quantized linears of a converted graph in place (see module doc)."""
     replaced, skipped = 0, {}
@@ -123,12 +176,17 @@ def lower_int8_linears(gm: GraphModule) -> CudaLowering:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         replaced += 1
+    _device_dynamic_quantization(gm)
     tidy(gm)
     return CudaLowering(replaced, skipped)
 
 
-def compile_for_cuda(gm: GraphModule, device: str = "cuda") -> tuple[torch.nn.Module, CudaLowering]:
-    """Moves the converted graph to ``device``, lowers its linears and compiles it."""
+def compile_for_cuda(
+    gm: GraphModule, device: str = "cuda", mode: str = "max-autotune-no-cudagraphs"
+) -> tuple[torch.nn.Module, CudaLowering]:
+    """Moves the converted graph to ``device``, lowers its linears and compiles it with
+    ``torch.compile``'s ``mode`` (the default autotunes the GEMMs and their epilogues;
+    ``"default"`` compiles in seconds, with cuBLAS GEMMs)."""
     report = lower_int8_linears(gm)
     gm = gm.to(device)
     # convert_pt2e stores folded int8 weights as plain attributes, which .to() skips.
@@ -139,4 +197,4 @@ def compile_for_cuda(gm: GraphModule, device: str = "cuda") -> tuple[torch.nn.Mo
             value = getattr(module, name)
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 setattr(module, name, value.to(device))
-    return torch.compile(gm, mode="max-autotune-no-cudagraphs", dynamic=False), report
+    return torch.compile(gm, mode=mode, dynamic=False), report

@@ -25,9 +25,9 @@ from esc_ao.lower.coverage import Coverage, collect_reasons, op_coverage
 from esc_ao.lower.partition import FastXnnpackPartitioner
 from esc_ao.lower.passes import prepare_for_xnnpack
 from esc_ao.objectives import first_tensor
-from esc_ao.report import sqnr_db
+from esc_ao.report import tensor_sqnr_db
 
-__all__ = ["LoweringError", "LoweringResult", "run_pte", "tensor_sqnr_db", "to_executorch"]
+__all__ = ["LoweringError", "LoweringResult", "run_pte", "to_executorch"]
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,6 @@ class LoweringResult:
             "program_vs_float_db": self.program_vs_float_db,
             "coverage": self.coverage.as_dict(),
         }
-
-
-def tensor_sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - other|^2) (esc_ao.report.sqnr_db of the two powers); +inf
-    when identical."""
-    signal = reference.double().pow(2).sum().item()
-    return sqnr_db(signal, (reference.double() - other.double()).pow(2).sum().item())
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
