@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.esc-ao-lock.sha256
-want=$(sha256sum requirements.lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+# Only what pip installs decides a rebuild: the pins, and pyproject's build system and
+# [project] table (esc-ao itself is installed editable; tool settings do not count).
+want=$({ cat requirements.lock.txt; "$PY" -c 'import json, tomllib
+d = tomllib.load(open("pyproject.toml", "rb"))
+print(json.dumps([d.get("build-system"), d["project"]], sort_keys=True))'; } | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: creating .venv with the pinned stack (2-3 minutes)"
   rm -rf .venv

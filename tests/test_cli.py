@@ -110,6 +110,9 @@ def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None
     assert esc["evaluations"] == 2 + 4 + 1
     assert (out / "convergence.png").stat().st_size > 1000 and ckpt.exists()
     assert "ESC:" in (out / "report.md").read_text()
+    # At 4-bit weights the default recipe rounds with GPTQ and keeps the conv front end at
+    # 8-bit weights.
+    assert {"gptq", "c8"} <= set(report["recipe"]["suffix"].split("+")), report["recipe"]
 
 
 def test_calibration_data_that_fits_the_default_model_is_used(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from esc_ao.bench.numerics import model_parts
+from esc_ao.bench.tasks import MODEL_CORPUS
 from esc_ao.config import BIT_LABELS
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "EVAL_SETS",
     "KEY_KINDS",
     "MODELS",
-    "MODEL_CORPUS",
     "MODEL_EVAL_SETS",
     "AccuracySettings",
     "CellKey",
@@ -52,7 +52,6 @@ MODELS = ("whisper-tiny.en", "whisper-base", "conformer-ctc", "ast")
 BITS = BIT_LABELS
 # "real": the real-speech corpus (human recordings); "tts": the model's TTS corpus.
 EVAL_SETS = ("real", "tts")
-MODEL_CORPUS = {"whisper-tiny.en": "asr", "whisper-base": "asr", "conformer-ctc": "asr", "ast": "kws"}
 MODEL_EVAL_SETS = {
     "whisper-tiny.en": ("real", "tts"),
     "whisper-base": ("real", "tts"),

@@ -105,7 +105,7 @@ def _config(weight_bits: int, group: int | None) -> Any:
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     return Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int8 if weight_bits == 8 else torch.int4,
+        weight_dtype=torch.int8 if weight_bits == 8 else torch.int4,  # type: ignore[attr-defined]  # torch's stubs lack int4
         weight_granularity=PerAxis(0) if group is None else PerGroup(group),
     )
 

@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 from torch import nn
 
-from esc_ao.bench.cells import MODEL_CORPUS
-from esc_ao.corpus import Corpus, Utterance, load_corpus
+from esc_ao.corpus import Corpus, load_corpus
 from esc_ao.metrics import Estimate
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch
 
 __all__ = [
     "HOLDOUT_EVERY",
+    "MODEL_CORPUS",
     "Part",
     "Task",
     "build_task",
@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 Forward = Callable[..., Any]
+T = TypeVar("T")
+# The TTS corpus each benchmark model is calibrated and tested on (its "tts" evaluation set).
+MODEL_CORPUS = {"whisper-tiny.en": "asr", "whisper-base": "asr", "conformer-ctc": "asr", "ast": "kws"}
 HOLDOUT_EVERY = 5  # every fifth calibration batch is held out of ESC's search
 
 
@@ -117,7 +120,7 @@ def single_part(
     )
 
 
-def calibration_sample(utts: list[Utterance], n: int, seed: int) -> list[Utterance]:
+def calibration_sample(utts: list[T], n: int, seed: int) -> list[T]:
     """``n`` utterances drawn without replacement (seeded) from the calibration split."""
     if not 1 <= n <= len(utts):
         raise ValueError(f"n_calibration={n} must lie in 1..{len(utts)} (the calibration split's size)")

@@ -260,7 +260,7 @@ def verify(folder: Path, fingerprint: str) -> str | None:
 def _plan(spec: CorpusSpec) -> list[dict[str, Any]]:
     """Every item's text, voice and augmentation, drawn in a fixed order from the seed."""
     seen: set[str] = set()
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for split_code, split in ((2, "test"), (1, "calibration"), (0, "train")):
         rng = np.random.default_rng([spec.seed, split_code])
         for subset, count in spec.sizes[split].items():

