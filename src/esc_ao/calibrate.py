@@ -82,6 +82,23 @@ class CalibrationResult:
 # --- evaluation -------------------------------------------------------------------------
 
 
+@dataclass
+class SearchState:
+    """Where a search stands: its start, the best candidate, the history and pycma's own
+    state; the checkpoint file holds its fields (``asdict``) and is resumed from them."""
+
+    fingerprint: str
+    local: list[float]  # the start's scales; candidates are log-offsets from them
+    init_obj: float
+    start: str  # which start the local step chose
+    evaluations: int = 2  # the two starts the local step scored
+    best: tuple[float, np.ndarray | None] = (math.inf, None)
+    history: list[dict[str, float]] = field(default_factory=list)
+    x_mean: np.ndarray | None = None
+    es: dict[str, Any] | None = None  # pycma's state (esc_ao.checkpoint.object_state)
+    np_rng: Any = None  # numpy's global RNG state (np.random.get_state), which pycma samples from
+
+
 @torch.no_grad()
 def _outputs(prepared: GraphModule, batches: list[Batch], fake_quant: bool) -> list[Any]:
     with observer_mode(prepared, observing=False, fake_quant=fake_quant):
@@ -143,7 +160,7 @@ def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: Sea
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _load_state(path: Path, fingerprint: str) -> SearchState | None:
     if not path.exists():
         return None
     state = load_checkpoint(path)
@@ -152,7 +169,7 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
             f"checkpoint {path} was written for another model, calibration set or SearchConfig "
             "(observer labels, their scales or the search settings differ): delete it or pass another path"
         )
-    return state
+    return SearchState(**state)
 
 
 # --- CMA-ES ------------------------------------------------------------------------------
@@ -242,16 +259,16 @@ def _calibrate(
     state = cluster.broadcast(state)
     if state is None:
         state = _start(prepared, dims, batches, config, evaluate, cluster, observer_scales, fingerprint)
-    local, init_obj = state["local"], state["init_obj"]
+    local, init_obj = state.local, state.init_obj
     log.info("ESC: %d scales, start objective %.6g", len(dims), init_obj)
 
-    def to_scales(x: Sequence[float]) -> list[float]:
+    def to_scales(x: Sequence[float] | np.ndarray) -> list[float]:
         return [s * math.exp(float(v)) for s, v in zip(local, x)]
 
     if config.budget > 0:
         _search(evaluate, config, state, to_scales, ckpt_path, batches[0])
 
-    x_final = state["best"][1] if config.final == "best" else state.get("x_mean")
+    x_final = state.best[1] if config.final == "best" else state.x_mean
     final_scales = to_scales(x_final) if x_final is not None else list(local)
     final_obj = evaluate(final_scales)
     if math.isfinite(final_obj) and final_obj <= init_obj:
@@ -278,7 +295,7 @@ def _calibrate(
         else:
             message += f"; held-out objective {held[0]:.6g} -> {held[1]:.6g}"
     _set_scales(dims, final_scales)
-    message = f"start: {state['start']}; {message}"
+    message = f"start: {state.start}; {message}"
     log.info("ESC: %s", message)
     return CalibrationResult(
         labels=labels,
@@ -289,12 +306,12 @@ def _calibrate(
         final_objective=final_obj,
         improved=improved,
         message=message,
-        evaluations=state["evaluations"] + 1,
+        evaluations=state.evaluations + 1,
         wall_seconds=time.perf_counter() - t0,
-        history=list(state["history"]),
+        history=list(state.history),
         holdout_start=held[0] if held else None,
         holdout_final=held[1] if held else None,
-        start=state["start"],
+        start=state.start,
     )
 
 
@@ -307,7 +324,7 @@ def _start(
     cluster: Cluster,
     observer_scales: list[float],
     fingerprint: str,
-) -> dict[str, Any]:
+) -> SearchState:
     """The local step and the search's starting point (a fresh search state)."""
     layer_mse = None
     if cluster.is_driver:  # on the first (global) batches, so every world size starts alike
@@ -328,23 +345,19 @@ def _start(
             f"the local-step scales give a non-finite objective; first non-finite node: "
             f"{_first_nonfinite(prepared, batches[0])}"
         )
-    return {
-        "fingerprint": fingerprint,
-        "local": starts[start],
-        "init_obj": scored[start],
-        "es": None,
-        "np_rng": None,
-        "history": [],
-        "evaluations": 2,
-        "best": (scored[start], None),
-        "start": start,
-    }
+    return SearchState(
+        fingerprint=fingerprint,
+        local=starts[start],
+        init_obj=scored[start],
+        start=start,
+        best=(scored[start], None),
+    )
 
 
 def _search(
     evaluate: _Evaluator,
     config: SearchConfig,
-    state: dict[str, Any],
+    state: SearchState,
     to_scales: Any,
     ckpt_path: Path | None,
     probe_batch: Batch,
@@ -358,11 +371,11 @@ def _search(
         es = cma.CMAEvolutionStrategy(
             np.zeros(len(evaluate.dims)), config.sigma0, _cma_options(config, len(evaluate.dims))
         )
-        if state["es"] is not None:  # resume: pycma's state into the fresh object, then the RNG it samples from
-            restore_object(es, state["es"], "cma")
+        if state.es is not None:  # resume: pycma's state into the fresh object, then the RNG it samples from
+            restore_object(es, state.es, "cma")
             es.timer = cma.utilities.utils.ElapsedWCTime()  # wall clock only; pycma makes it in the first ask
-            np.random.set_state(state["np_rng"])
-    done = len(state["history"])
+            np.random.set_state(state.np_rng)
+    done = len(state.history)
     bar = tqdm(
         total=config.budget, initial=done, desc="ESC", unit="gen", disable=not (config.progress and cluster.is_driver)
     )
@@ -372,7 +385,7 @@ def _search(
         if candidates is None:
             break
         values = [evaluate(to_scales(x)) for x in candidates]
-        generation = len(state["history"]) + 1
+        generation = len(state.history) + 1
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
             raise NonFiniteObjectiveError(
@@ -382,26 +395,26 @@ def _search(
         for x, v in zip(candidates, values):
             if not math.isfinite(v):
                 log.warning("ESC: candidate with non-finite objective penalised (generation %d)", generation)
-            elif v < state["best"][0]:
-                state["best"] = (float(v), np.asarray(x, dtype=float).copy())
-        state["evaluations"] += len(candidates)
+            elif v < state.best[0]:
+                state.best = (float(v), np.asarray(x, dtype=float).copy())
+        state.evaluations += len(candidates)
         sigma = math.nan
         if es is not None:
             es.tell(candidates, [v if math.isfinite(v) else _PENALTY for v in values])
-            state["x_mean"], sigma = np.asarray(es.mean, dtype=float).copy(), float(es.sigma)
-        state["history"].append(
+            state.x_mean, sigma = np.asarray(es.mean, dtype=float).copy(), float(es.sigma)
+        state.history.append(
             {
                 "generation": generation,
                 "best": min(finite),
                 "mean": float(np.mean(finite)),
                 "sigma": sigma,
-                "evaluations": state["evaluations"],
+                "evaluations": state.evaluations,
             }
         )
         bar.set_postfix(best=f"{min(finite):.4g}", mean=f"{np.mean(finite):.4g}", sigma=f"{sigma:.3g}")
         bar.update(1)
         if ckpt_path is not None and es is not None:
-            state["es"], state["np_rng"] = object_state(es, "cma"), np.random.get_state()
-            save_checkpoint(ckpt_path, state)
+            state.es, state.np_rng = object_state(es, "cma"), np.random.get_state()
+            save_checkpoint(ckpt_path, asdict(state))
     bar.close()
-    state["x_mean"] = cluster.broadcast(state.get("x_mean"))
+    state.x_mean = cluster.broadcast(state.x_mean)
