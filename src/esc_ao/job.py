@@ -21,13 +21,8 @@ from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch, as_batches, convert, export_model, save_program
 from esc_ao.recipe import Recipe
-from esc_ao.report import (
-    layer_sqnr,
-    observer_stats,
-    output_sqnr,
-    plot_convergence,
-    weight_bytes,
-)
+from esc_ao.render import plot_convergence, render_markdown
+from esc_ao.report import layer_sqnr, observer_stats, output_sqnr, weight_bytes
 
 __all__ = ["JobInputs", "quantize_job", "whisper_default"]
 
@@ -197,96 +192,3 @@ def quantize_job(
             write_text_atomic(stage / "report.md", render_markdown(report))
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     return report
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: summary, per-layer SQNR, activation ranges."""
-    cfg, size = report["config"], report["size"]
-    lines: list[str] = [
-        f"# esc-ao quantization report: {report['model']}",
-        "",
-        f"- config: {cfg['label']}, method {cfg['method']}, "
-        f"{'symmetric' if cfg['act_symmetric'] else 'affine'} activations",
-        f"- calibration batches: {report['calibration_batches']}, held-out batches: {report['heldout_batches']}",
-        f"- output SQNR vs float (held-out): **{_fmt(report['output_sqnr_db'])} dB**",
-        *(
-            [
-                f"- held-out WER (greedy, float decoder): **{100 * report['task']['quantized']['wer']:.2f} %** "
-                f"with this encoder, {100 * report['task']['float']['wer']:.2f} % with the float one "
-                f"({report['task']['float']['utterances']} clips)"
-            ]
-            if report.get("task")
-            else []
-        ),
-        f"- weights: {size['float32_bytes'] / 1e6:.2f} MB float32 -> {size['quantized_bytes'] / 1e6:.2f} MB "
-        f"at {cfg['weight_bits']} bits"
-        + (f"; saved program {size['program_file_bytes'] / 1e6:.2f} MB" if "program_file_bytes" in size else ""),
-        f"- kept float: {', '.join(report['keep_float']) or 'nothing'}; annotation target: "
-        f"{report.get('target', 'reference')}",
-        (f"- precision plan: {report['precision_plan']['summary']}\n" if report.get("precision_plan") else "")
-        + f"- recipe: {report['recipe']['description']}"
-        + (
-            f"; smoothed {sum(t['applied'] for t in report['transforms'])} of {len(report['transforms'])} "
-            "LayerNorm sites (table below)"
-            if report["transforms"]
-            else ""
-        ),
-        f"- calibration time: {report['calibration_seconds']:.1f} s",
-    ]
-    pte = report.get("executorch")
-    if pte:
-        lines.append(
-            f"- ExecuTorch program model.pte: {pte['size_bytes'] / 1e6:.2f} MB; {pte['summary']}; "
-            f"output SQNR vs the converted graph {pte['sqnr_db']:.1f} dB"
-            + (
-                f", vs float {pte['program_vs_float_db']:.1f} dB (graph: {pte['graph_vs_float_db']:.1f} dB)"
-                if pte.get("program_vs_float_db") is not None
-                else ""
-            )
-        )
-    esc = report.get("esc")
-    if esc:
-        lines += [
-            f"- ESC: {len(esc['labels'])} activation scales; objective {esc['initial_objective']:.5g} "
-            f"(local step) -> {esc['final_objective']:.5g} after {esc['evaluations']} evaluations "
-            f"({esc['evaluations_per_second']:.2f}/s); {esc['message']}",
-            "",
-            "![ESC convergence](convergence.png)",
-        ]
-    if report["transforms"]:
-        lines += ["", "## Transforms", "", "| node | transform | applied | detail |", "|---|---|---|---|"]
-        lines += [
-            f"| {t['node']} | {t['transform']} | {'yes' if t['applied'] else 'no'} | {t['detail']} |"
-            for t in report["transforms"]
-        ]
-    lines += [
-        "",
-        "## Layers (SQNR of each op's output, quantized vs float, first held-out batch)",
-        "",
-        "| node | op | module | state | SQNR dB | why |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["layers"]:
-        state = cfg["label"] if row["quantized"] else "float"
-        lines.append(
-            f"| {row['node']} | {row['op']} | {row['module']} | {state} | {_fmt(row['sqnr_db'])} | "
-            f"{row['reason']} |"
-        )
-    lines += [
-        "",
-        "## Activation ranges",
-        "",
-        "| observer | min | max | threshold | clip ratio | scale |",
-        "|---|---|---|---|---|---|",
-    ]
-    for a in report["activations"]:
-        a = a if isinstance(a, dict) else a.__dict__
-        lines.append(
-            f"| {a['label']} | {a['min']:.4g} | {a['max']:.4g} | {a['threshold']:.4g} | "
-            f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.atomic import atomic_path
 from esc_ao.graph_prep import resolve_attr
 from esc_ao.objectives import output_tensors
 from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
@@ -23,7 +21,6 @@ from esc_ao.pipeline import Batch
 
 __all__ = [
     "ObserverStats",
-    "plot_convergence",
     "layer_sqnr",
     "observer_stats",
     "output_sqnr",
@@ -145,29 +142,3 @@ def weight_bytes(prepared: GraphModule) -> dict[str, int]:
             n_bits += numel * (4 if obs.quant_max <= 7 else 8)
             n_channels += obs.absmax.numel()
     return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_bits + 7) // 8 + 4 * n_channels}
-
-
-def plot_convergence(history: list[dict[str, float]], start_objective: float, path: Path) -> None:
-    """Best and mean objective per CMA-ES generation (log scale), and sigma, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gens = [h["generation"] for h in history]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    ax.plot(gens, [h["best"] for h in history], label="best of generation")
-    ax.plot(gens, [h["mean"] for h in history], label="mean of generation", alpha=0.7)
-    ax.axhline(start_objective, color="grey", linestyle="--", label="start (local step)")
-    ax.set_yscale("log")
-    ax.set_ylabel("objective")
-    ax.legend()
-    ax2.plot(gens, [h["sigma"] for h in history], color="tab:green")
-    ax2.set_ylabel("sigma")
-    ax2.set_xlabel("generation")
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)

@@ -20,7 +20,7 @@ from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.machine import describe
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.job import quantize_job, whisper_default
-from esc_ao.report import plot_convergence
+from esc_ao.render import plot_convergence
 
 __all__ = ["run_esc_bench"]
 
