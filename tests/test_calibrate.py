@@ -42,6 +42,7 @@ def test_search_never_ends_worse_than_its_start_and_writes_the_scales() -> None:
         assert min(abs(s - q) for q in q_scales) <= 1e-6 * s
 
 
+@pytest.mark.slow  # a longer search or a subprocess
 def test_esc_improves_on_mse_calibration_at_w4a4() -> None:
     model, mse_prepared, batches = small_setup(method="mse")
     mse_sqnr = output_sqnr(model, convert(mse_prepared), batches)
@@ -72,6 +73,7 @@ def _generations_in(ckpt: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # a longer search or a subprocess
 def test_resume_after_sigkill_gives_the_uninterrupted_scales(tmp_path: Path) -> None:
     helper = Path(__file__).with_name("_esc_helpers.py")
     ckpt, out, reference = tmp_path / "search.ckpt", tmp_path / "scales.pt", tmp_path / "reference.pt"
@@ -149,6 +151,7 @@ def test_nan_candidates_are_penalised_and_all_nan_stops_with_a_node_name() -> No
         calibrate(prepared, batches, objective=nan_after_start, config=SearchConfig(budget=2, **FAST))
 
 
+@pytest.mark.slow  # a longer search or a subprocess
 def test_a_shared_observer_is_one_dimension() -> None:
     """Observers shared by several tensors (e.g. a residual stream's) are called at several
     nodes; each is one scale, so one search dimension, and the search's written scales are
@@ -164,6 +167,7 @@ def test_a_shared_observer_is_one_dimension() -> None:
     assert [d.observer.scale for d in find_scale_dims(prepared)] == pytest.approx(result.final_scales, rel=1e-6)
 
 
+@pytest.mark.slow  # a longer search or a subprocess
 def test_holdout_keeps_a_result_that_also_helps_there() -> None:
     _, prepared, batches = small_setup()
     result = calibrate(prepared, batches[:2], config=SearchConfig(budget=6, **FAST), holdout=batches[2:])
@@ -172,6 +176,7 @@ def test_holdout_keeps_a_result_that_also_helps_there() -> None:
     assert [d.observer.scale for d in find_scale_dims(prepared)] == pytest.approx(result.final_scales, rel=1e-6)
 
 
+@pytest.mark.slow  # a longer search or a subprocess
 def test_holdout_keeps_the_start_when_the_result_is_worse_there() -> None:
     """A held-out objective that prefers larger errors stands in for a search that fitted
     its own batches only: the searched scales are dropped, the start is written."""

@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 from esc_ao.corpus import CorpusSpec, MissingEngineError, Voice, augment, load_corpus, texts, verify
 from esc_ao.corpus.voices import check_engine
 
+# corpus builds synthesise audio: the slow tier
+pytestmark = pytest.mark.slow
+
 TRAIN = (Voice("flite", "kal16"), Voice("festival", "kal_diphone"), Voice("espeak-ng", "en-us"), Voice("piper", "joe"))
 TEST_ONLY = (Voice("flite", "rms"), Voice("espeak-ng", "en-gb-scotland+m4"))
 

@@ -14,6 +14,9 @@ import pytest
 import torch
 from _esc_helpers import run_search
 
+# torchrun subprocesses: the slow tier
+pytestmark = pytest.mark.slow
+
 HELPER = Path(__file__).with_name("_esc_helpers.py")
 
 

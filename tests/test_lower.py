@@ -16,6 +16,9 @@ from esc_ao.lower import LoweringError, run_pte, tensor_sqnr_db, to_executorch
 from esc_ao.lower.passes import decompose_layer_norm
 from esc_ao.speech import SplitHeadAttention
 
+# ExecuTorch lowering and the native runner: tens of seconds a test (the slow tier)
+pytestmark = pytest.mark.slow
+
 aten = torch.ops.aten
 
 

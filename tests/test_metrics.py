@@ -58,6 +58,21 @@ def test_accuracy_interval_contains_the_estimate_and_stays_in_0_1(correct: list[
     assert 0.0 <= est.low <= est.value <= est.high <= 1.0
 
 
+@pytest.mark.parametrize(
+    ("correct", "n", "low", "high"),
+    [
+        # closed forms at the edges: 0/n -> [0, z^2 / (n + z^2)], n/n -> [n / (n + z^2), 1]
+        (0, 10, 0.0, 1.959963984540054**2 / (10 + 1.959963984540054**2)),
+        (10, 10, 10 / (10 + 1.959963984540054**2), 1.0),
+        # 8 of 10: the Wilson interval as statistics packages give it (0.4902, 0.9433)
+        (8, 10, 0.4901625, 0.9433178),
+    ],
+)
+def test_accuracy_interval_is_wilsons(correct: int, n: int, low: float, high: float) -> None:
+    est = accuracy([True] * correct + [False] * (n - correct))
+    assert est.low == pytest.approx(low, abs=1e-6) and est.high == pytest.approx(high, abs=1e-6)
+
+
 def test_wer_records_its_error_counts() -> None:
     est = wer(["turn the light off", "seven two"], ["turn a light off now", "seven"], normalize=False)
     assert est.details == {"substitutions": 1, "deletions": 1, "insertions": 1, "reference_words": 6}

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_bench_accuracy import _task
+from _bench_helpers import stand_in_task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "w4a4_diagnosis.py"
 
@@ -21,7 +21,7 @@ def diagnosis():
 
 
 def test_variants_run_and_report(diagnosis, tmp_path: Path) -> None:
-    task = _task(40, 0)
+    task = stand_in_task(40, 0)
     exported = {}
     rows = {}
     for symmetric in (True, False):
