@@ -159,3 +159,31 @@ def test_fake_quant_prepared_model_equals_converted_model_bit_for_bit() -> None:
         simulated = prepared(*batches[2])
     converted = convert(prepared)
     assert torch.equal(simulated, converted(*batches[2]))
+
+
+def test_a_saved_program_loads_in_a_fresh_process(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from esc_ao import load_program
+    from esc_ao.pipeline import save_program
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+    batches = [(torch.randn(3, 16),) for _ in range(3)]
+    prepared = prepare(export_model(model, batches[0]), EscQuantizer(QuantConfig(method="mse")))
+    observe(prepared, batches)
+    converted = convert(prepared)
+    save_program(converted, batches[0], tmp_path / "model.pt2")
+    torch.save(batches[0][0], tmp_path / "x.pt")
+    torch.save(converted(*batches[0]), tmp_path / "y.pt")
+    script = (
+        "import sys, torch, esc_ao\n"
+        "d = sys.argv[1]\n"
+        "m = esc_ao.load_program(d + '/model.pt2')\n"
+        "assert torch.equal(m(torch.load(d + '/x.pt')), torch.load(d + '/y.pt'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(FileNotFoundError, match="no program at"):
+        load_program(tmp_path / "missing.pt2")

@@ -13,7 +13,7 @@ from esc_ao.observers import (
     PerChannelWeightObserver,
     observer_mode,
 )
-from esc_ao.pipeline import CalibrationDataError, ExportError, convert, export_model, observe, prepare
+from esc_ao.pipeline import CalibrationDataError, ExportError, convert, export_model, load_program, observe, prepare
 from esc_ao.quantizer import EscQuantizer
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "__version__",
     "convert",
     "export_model",
+    "load_program",
     "observe",
     "observer_mode",
     "prepare",

@@ -19,6 +19,7 @@ from esc_ao.atomic import atomic_path
 from esc_ao.observers import observer_mode
 
 __all__ = [
+    "load_program",
     "CalibrationDataError",
     "ExportError",
     "Batch",
@@ -206,3 +207,18 @@ def save_program(model: torch.nn.Module, example_inputs: Sequence[Any], path: Pa
     with atomic_path(path, suffix=".pt2") as tmp:  # torch.export.save warns about any other suffix
         torch.export.save(program, tmp)
     return path.stat().st_size
+
+
+def load_program(path: str | Path) -> torch.nn.Module:
+    """A program ``save_program`` (or ``esc-ao quantize``: ``model.pt2``) wrote, as a
+    callable module. Use it rather than a bare ``torch.export.load``: the program's
+    quantize/dequantize ops are registered by torchao's PT2E module, which this module
+    imports, and a fresh process without it cannot deserialise them.
+
+    Raises:
+        FileNotFoundError: naming ``path``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no program at {path}: pass the model.pt2 that esc-ao quantize or save_program wrote")
+    return torch.export.load(str(path)).module()
