@@ -7,7 +7,7 @@ from torch import nn
 
 from esc_ao.bench.tasks import Task, single_part
 from esc_ao.metrics import accuracy
-from esc_ao.objectives import CrossEntropy
+from esc_ao.search.objectives import CrossEntropy
 
 
 def stand_in_task(n_calibration: int, seed: int) -> Task:

@@ -35,7 +35,7 @@ def _dying_objective(after: int):  # type: ignore[no-untyped-def]
     """OutputMSE that kills this process (as a crash would) after `after` evaluations."""
     import os
 
-    from esc_ao.objectives import OutputMSE
+    from esc_ao.search.objectives import OutputMSE
 
     calls = {"n": 0}
     base = OutputMSE()

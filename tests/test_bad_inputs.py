@@ -129,10 +129,10 @@ def _quantizer_with(**overrides: object):  # type: ignore[no-untyped-def]
 
 def _api_cases() -> list[tuple[str, Callable[[], object], type[Exception], str]]:
     from esc_ao import EscQuantizer, QuantConfig, SearchConfig, calibrate, convert, export_model, observe, prepare
-    from esc_ao.calibrate import CheckpointError
     from esc_ao.pipeline import CalibrationDataError, check_batches
     from esc_ao.recipe import Recipe, split_method
-    from esc_ao.search_space import NoObserversError
+    from esc_ao.search.calibrate import CheckpointError
+    from esc_ao.search.space import NoObserversError
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
@@ -194,7 +194,7 @@ def _api_cases() -> list[tuple[str, Callable[[], object], type[Exception], str]]
 def _load_garbage_checkpoint() -> None:
     import tempfile
 
-    from esc_ao.checkpoint import load_checkpoint
+    from esc_ao.search.checkpoint import load_checkpoint
 
     with tempfile.NamedTemporaryFile(suffix=".ckpt") as f:
         f.write(b"\x80\x04\x95")

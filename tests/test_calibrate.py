@@ -1,4 +1,4 @@
-"""esc_ao.calibrate: the local step, CMA-ES, determinism, resume, foreign quantizers, errors."""
+"""esc_ao.search.calibrate: the local step, CMA-ES, determinism, resume, foreign quantizers, errors."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 from _esc_helpers import run_search, small_setup
 
 from esc_ao import SearchConfig, calibrate, convert, observe
-from esc_ao.calibrate import CheckpointError, NonFiniteObjectiveError
-from esc_ao.checkpoint import load_checkpoint
-from esc_ao.objectives import OutputMSE
 from esc_ao.report import output_sqnr
-from esc_ao.search_space import NoObserversError, find_scale_dims
+from esc_ao.search.calibrate import CheckpointError, NonFiniteObjectiveError
+from esc_ao.search.checkpoint import load_checkpoint
+from esc_ao.search.objectives import OutputMSE
+from esc_ao.search.space import NoObserversError, find_scale_dims
 
 FAST = dict(popsize=6, progress=False, local_grid=8)
 

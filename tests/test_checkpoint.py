@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esc_ao.checkpoint import (
+from esc_ao.search.checkpoint import (
     CheckpointError,
     decode,
     encode,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esc_ao.objectives import Accuracy, CrossEntropy, CTCLoss, DecodedWER, LogitKL, OutputMSE, objective_by_name
+from esc_ao.search.objectives import Accuracy, CrossEntropy, CTCLoss, DecodedWER, LogitKL, OutputMSE, objective_by_name
 
 
 def test_output_mse_is_noise_to_signal() -> None:

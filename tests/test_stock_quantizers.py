@@ -14,7 +14,7 @@ import torch
 
 from esc_ao import SearchConfig, calibrate, export_model
 from esc_ao.report import output_sqnr
-from esc_ao.search_space import NoObserversError
+from esc_ao.search.space import NoObserversError
 
 # The least the search must do: the local step and one generation, on little data.
 _SEARCH = SearchConfig(budget=1, popsize=4, seed=0, progress=False, local_grid=4)

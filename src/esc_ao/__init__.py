@@ -1,7 +1,6 @@
 """esc-ao: ESC calibration and full integer quantization of speech models in PT2E."""
 
 from esc_ao import _quiet  # noqa: F401 - first: filters an import-time notice of torchao
-from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import METHODS, QuantConfig, SearchConfig
 from esc_ao.observers import (
     EntropyObserver,
@@ -15,6 +14,7 @@ from esc_ao.observers import (
 )
 from esc_ao.pipeline import CalibrationDataError, ExportError, convert, export_model, load_program, observe, prepare
 from esc_ao.quantizer import EscQuantizer
+from esc_ao.search.calibrate import CalibrationResult, calibrate
 
 __version__ = "0.1.0"
 

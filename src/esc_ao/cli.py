@@ -15,12 +15,12 @@ import torch
 
 from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS, ResidualPrecision
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
-from esc_ao.checkpoint import load_checkpoint
 from esc_ao.config import BIT_LABELS, METHODS, QuantConfig, SearchConfig
 from esc_ao.job import JobInputs, quantize_job, whisper_default
-from esc_ao.objectives import objective_by_name
 from esc_ao.pipeline import check_batches, input_shapes
 from esc_ao.recipe import Recipe
+from esc_ao.search.checkpoint import load_checkpoint
+from esc_ao.search.objectives import objective_by_name
 
 __all__ = ["main"]
 

@@ -16,13 +16,13 @@ import torch
 from torch.fx import GraphModule
 
 from esc_ao.atomic import staged_dir, write_json_atomic, write_text_atomic
-from esc_ao.calibrate import CalibrationResult, calibrate
 from esc_ao.config import QuantConfig, SearchConfig
-from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch, as_batches, convert, export_model, save_program
 from esc_ao.recipe import Recipe
 from esc_ao.render import plot_convergence, render_markdown
 from esc_ao.report import layer_sqnr, observer_stats, output_sqnr, weight_bytes
+from esc_ao.search.calibrate import CalibrationResult, calibrate
+from esc_ao.search.objectives import Objective
 
 __all__ = ["JobInputs", "quantize_job", "whisper_default"]
 

@@ -270,7 +270,7 @@ class MSEObserver(ActivationObserver):
 
 class EscObserver(MSEObserver):
     """ESC's observer: the tensor's MSE threshold as the starting point of the search
-    (``esc_ao.calibrate`` refines it with the layer-output MSE, then CMA-ES)."""
+    (``esc_ao.search.calibrate`` refines it with the layer-output MSE, then CMA-ES)."""
 
     method = "esc"
 
@@ -413,7 +413,7 @@ def iter_observers(model: torch.nn.Module) -> Iterator[tuple[str, Observer]]:
     """The observers of a prepared model that have the observing / fake_quant switches
     (esc_ao's own and the search wrappers), by module name."""
     for name, module in model.named_modules():
-        # Duck-typed on the two switches so search_space.SearchableObserver (which wraps
+        # Duck-typed on the two switches so esc_ao.search.space.SearchableObserver (which wraps
         # foreign observers) is switched too.
         if isinstance(module, ObserverBase) and hasattr(module, "fake_quant") and hasattr(module, "observing"):
             yield name, module

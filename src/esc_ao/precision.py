@@ -25,10 +25,10 @@ from torch.fx import GraphModule, Node
 
 from esc_ao.annotators import OP_ROLES
 from esc_ao.config import QuantConfig
-from esc_ao.objectives import Objective, OutputMSE
 from esc_ao.observers import iter_observers, observer_mode
 from esc_ao.pipeline import Batch
 from esc_ao.quantizer import EscQuantizer
+from esc_ao.search.objectives import Objective, OutputMSE
 
 __all__ = ["LayerGroup", "PrecisionPlan", "plan_precision"]
 

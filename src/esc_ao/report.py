@@ -15,9 +15,9 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from esc_ao.graph_prep import resolve_attr
-from esc_ao.objectives import output_tensors
 from esc_ao.observers import ActivationObserver, PerChannelWeightObserver, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
+from esc_ao.search.objectives import output_tensors
 
 __all__ = [
     "ObserverStats",

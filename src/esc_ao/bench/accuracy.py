@@ -44,12 +44,12 @@ from esc_ao.bench.cells import BITS, EVAL_SETS, KEY_KINDS, MODEL_EVAL_SETS, MODE
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_BITS, DYNAMIC_METHOD, dynamic_forwards, dynamic_sizes
 from esc_ao.bench.machine import describe
 from esc_ao.bench.tasks import Part, Task, build_task, load_eval_corpus
-from esc_ao.calibrate import calibrate
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.eval_graph import for_evaluation
 from esc_ao.pipeline import Batch, convert, export_model
 from esc_ao.recipe import Recipe, split_method
 from esc_ao.report import weight_bytes
+from esc_ao.search.calibrate import calibrate
 
 __all__ = ["BENCH_METHODS", "AccuracySettings", "QuantizedTask", "quantize_task", "render", "run_accuracy_bench"]
 

@@ -11,7 +11,7 @@ import torch
 
 from esc_ao.bench.tasks import Forward, Task, calibration_sample, load_eval_corpus, single_part, training_brief
 from esc_ao.metrics import Estimate, accuracy
-from esc_ao.objectives import CrossEntropy
+from esc_ao.search.objectives import CrossEntropy
 
 __all__ = ["task"]
 

@@ -17,7 +17,7 @@ import torch
 
 from esc_ao.bench.tasks import Forward, Task, calibration_sample, load_eval_corpus, single_part, training_brief
 from esc_ao.metrics import Estimate, wer
-from esc_ao.objectives import CTCLoss
+from esc_ao.search.objectives import CTCLoss
 
 __all__ = ["LOCAL_UTTERANCES", "task"]
 

@@ -87,9 +87,9 @@ def run_calib_bench(bits: str, search: SearchConfig, n_calibration: int | None) 
     import json
     import os
 
-    from esc_ao.calibrate import calibrate
     from esc_ao.pipeline import export_model, observe, prepare
     from esc_ao.quantizer import EscQuantizer
+    from esc_ao.search.calibrate import calibrate
 
     inputs = whisper_default(n_calibration)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ training loss against the reference labels of those utterances (CTC for ASR,
 cross-entropy for classification): the paper's "task error against reference targets",
 in a form smooth enough for CMA-ES to rank candidates. Every fifth calibration batch is
 held out of the search (``holdout_split``): CMA-ES's result is kept only if it beats its
-start on those too (esc_ao.calibrate's held-out check); the observers see all batches.
+start on those too (esc_ao.search.calibrate's held-out check); the observers see all batches.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torch import nn
 
 from esc_ao.corpus import Corpus, load_corpus
 from esc_ao.metrics import Estimate
-from esc_ao.objectives import Objective
 from esc_ao.pipeline import Batch
+from esc_ao.search.objectives import Objective
 
 __all__ = [
     "HOLDOUT_EVERY",

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from esc_ao.bench.tasks import Forward, Part, Task, calibration_sample, holdout_split, load_eval_corpus
 from esc_ao.metrics import wer
-from esc_ao.objectives import first_tensor
 from esc_ao.pipeline import Batch
+from esc_ao.search.objectives import first_tensor
 
 __all__ = ["HOLDOUT_UTTERANCES", "SEARCH_UTTERANCES", "greedy_transcribe", "task", "token_limit", "tokenizer"]
 

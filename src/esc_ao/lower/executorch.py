@@ -24,8 +24,8 @@ from esc_ao.graph_prep import decompose_sdpa, drop_noop_casts
 from esc_ao.lower.coverage import Coverage, collect_reasons, op_coverage
 from esc_ao.lower.partition import FastXnnpackPartitioner
 from esc_ao.lower.passes import prepare_for_xnnpack
-from esc_ao.objectives import first_tensor
 from esc_ao.report import tensor_sqnr_db
+from esc_ao.search.objectives import first_tensor
 
 __all__ = ["LoweringError", "LoweringResult", "run_pte", "to_executorch"]
 

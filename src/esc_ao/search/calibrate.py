@@ -2,7 +2,7 @@
 
     prepared = prepare_pt2e(gm, quantizer)          # EscQuantizer or any PT2E quantizer
     for batch in calib: prepared(*batch)            # observers see the data
-    result = esc_ao.calibrate(prepared, calib)      # writes the searched scales back
+    result = esc_ao.search.calibrate(prepared, calib)      # writes the searched scales back
     converted = convert_pt2e(prepared)
 
 Search space (paper section "Method"; parameterisation not stated there, chosen here):
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from esc_ao.checkpoint import CheckpointError, load_checkpoint, object_state, restore_object, save_checkpoint
 from esc_ao.config import SearchConfig
-from esc_ao.distributed import Cluster, cluster_from_env
-from esc_ao.local_step import local_mse_scales
-from esc_ao.objectives import Objective, OutputMSE, objective_parts
 from esc_ao.observers import observer_mode
 from esc_ao.pipeline import Batch, as_batches
-from esc_ao.search_space import ScaleDim, find_scale_dims
+from esc_ao.search.checkpoint import CheckpointError, load_checkpoint, object_state, restore_object, save_checkpoint
+from esc_ao.search.distributed import Cluster, cluster_from_env
+from esc_ao.search.local_step import local_mse_scales
+from esc_ao.search.objectives import Objective, OutputMSE, objective_parts
+from esc_ao.search.space import ScaleDim, find_scale_dims
 
 __all__ = ["CalibrationResult", "CheckpointError", "NonFiniteObjectiveError", "calibrate"]
 
@@ -95,7 +95,7 @@ class SearchState:
     best: tuple[float, np.ndarray | None] = (math.inf, None)
     history: list[dict[str, float]] = field(default_factory=list)
     x_mean: np.ndarray | None = None
-    es: dict[str, Any] | None = None  # pycma's state (esc_ao.checkpoint.object_state)
+    es: dict[str, Any] | None = None  # pycma's state (esc_ao.search.checkpoint.object_state)
     np_rng: Any = None  # numpy's global RNG state (np.random.get_state), which pycma samples from
 
 

@@ -28,7 +28,7 @@ from esc_ao.annotators import OP_ROLES
 from esc_ao.graph_prep import arg_node
 from esc_ao.observers import fake_quantize, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
-from esc_ao.search_space import ScaleDim
+from esc_ao.search.space import ScaleDim
 
 __all__ = ["GRID_RANGE", "local_mse_scales"]
 
