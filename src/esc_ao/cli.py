@@ -9,7 +9,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 
@@ -230,6 +230,16 @@ def _parser() -> argparse.ArgumentParser:
         "corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)"
     )
     c.add_argument("names", nargs="*", default=["asr", "kws", "real-asr"])
+    for parser, command in (
+        (q, _quantize),
+        (bb, _baselines),
+        (be, _esc_bench),
+        (bc, _calib_bench),
+        (bs, _speed_bench),
+        (ba, _accuracy_bench),
+        (c, _corpus),
+    ):
+        parser.set_defaults(func=command)
     return p
 
 
@@ -410,81 +420,90 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "quantize":
-        return _quantize(args)
-    if args.command == "bench" and args.bench == "baselines":
-        from esc_ao.bench.baselines import run_baselines
+    command: Callable[[argparse.Namespace], int] = args.func  # each subcommand's set_defaults
+    return command(args)
 
-        run_baselines(args.out, args.calib_clips)
+
+def _baselines(args: argparse.Namespace) -> int:
+    from esc_ao.bench.baselines import run_baselines
+
+    run_baselines(args.out, args.calib_clips)
+    return 0
+
+
+def _esc_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.esc import run_esc_bench
+
+    run_esc_bench(
+        args.out,
+        args.bits,
+        SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
+        args.calib_clips,
+    )
+    return 0
+
+
+def _speed_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.speed import run_speed_bench
+
+    run_speed_bench(
+        args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse, args.lower_only
+    )
+    return 0
+
+
+def _accuracy_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.accuracy import AccuracySettings, render, run_accuracy_bench
+    from esc_ao.bench.accuracy_table import stale_cells
+
+    settings = AccuracySettings(
+        n_calibration=args.calib_samples, seed=args.seed, budget=args.budget, popsize=args.popsize
+    )
+    if args.prune:
+        stale = stale_cells(args.cells)
+        for path in stale:
+            path.unlink()
+        print(f"{len(stale)} cells of older keys deleted from {args.cells}")
+    if args.render_only or args.prune:
+        print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
         return 0
-    if args.command == "bench" and args.bench == "esc":
-        from esc_ao.bench.esc import run_esc_bench
+    from esc_ao.corpus import MissingEngineError, MissingSourceError
+    from esc_ao.speech import WhisperWeightsError
 
-        run_esc_bench(
-            args.out,
-            args.bits,
-            SearchConfig(budget=args.budget, popsize=args.popsize, seed=args.seed),
-            args.calib_clips,
-        )
-        return 0
-    if args.command == "bench" and args.bench == "speed":
-        from esc_ao.bench.speed import run_speed_bench
+    try:
+        run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings, args.eval_sets)
+    # a missing TTS engine, real-speech package or weights package: what to install (usage, not failure)
+    except (MissingEngineError, MissingSourceError, WhisperWeightsError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
 
-        run_speed_bench(
-            args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse, args.lower_only
-        )
-        return 0
-    if args.command == "bench" and args.bench == "accuracy":
-        from esc_ao.bench.accuracy import AccuracySettings, render, run_accuracy_bench
-        from esc_ao.bench.accuracy_table import stale_cells
 
-        settings = AccuracySettings(
-            n_calibration=args.calib_samples, seed=args.seed, budget=args.budget, popsize=args.popsize
-        )
-        if args.prune:
-            stale = stale_cells(args.cells)
-            for path in stale:
-                path.unlink()
-            print(f"{len(stale)} cells of older keys deleted from {args.cells}")
-        if args.render_only or args.prune:
-            print(f"{len(render(args.out, args.cells, settings))} cells rendered to {args.out}/accuracy.md")
-            return 0
-        from esc_ao.corpus import MissingEngineError, MissingSourceError
-        from esc_ao.speech import WhisperWeightsError
+def _corpus(args: argparse.Namespace) -> int:
+    from esc_ao.corpus import CORPORA, load_corpus, load_real_corpus
 
+    valid = [*CORPORA, "real-asr"]
+    unknown = [n for n in args.names if n not in valid]
+    if unknown:
+        print(f"esc-ao corpus: corpus {unknown[0]!r} is unknown: use one of {', '.join(valid)}", file=sys.stderr)
+        return 2
+    for name in args.names:
         try:
-            run_accuracy_bench(args.models, args.methods, args.bits, args.out, args.cells, settings, args.eval_sets)
-        # a missing TTS engine, real-speech package or weights package: what to install (usage, not failure)
-        except (MissingEngineError, MissingSourceError, WhisperWeightsError) as exc:
-            raise UsageError(str(exc)) from exc
-        return 0
-    if args.command == "corpus":
-        from esc_ao.corpus import CORPORA, load_corpus, load_real_corpus
-
-        valid = [*CORPORA, "real-asr"]
-        unknown = [n for n in args.names if n not in valid]
-        if unknown:
-            print(f"esc-ao corpus: corpus {unknown[0]!r} is unknown: use one of {', '.join(valid)}", file=sys.stderr)
+            corpus = load_real_corpus() if name == "real-asr" else load_corpus(name)
+        except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine or real-speech package
+            print(f"esc-ao corpus: {exc}", file=sys.stderr)
             return 2
-        for name in args.names:
-            try:
-                corpus = load_real_corpus() if name == "real-asr" else load_corpus(name)
-            except (ValueError, RuntimeError) as exc:  # unknown name, missing TTS engine or real-speech package
-                print(f"esc-ao corpus: {exc}", file=sys.stderr)
-                return 2
-            print(
-                f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
-                f"(fingerprint {corpus.manifest['fingerprint']})"
-            )
-        return 0
-    if args.command == "bench" and args.bench == "calib":
-        from esc_ao.bench.esc import run_calib_bench
-
-        run_calib_bench(
-            args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False), args.calib_clips
+        print(
+            f"corpus {name}: {len(corpus.manifest['items'])} clips at {corpus.root} "
+            f"(fingerprint {corpus.manifest['fingerprint']})"
         )
-        return 0
-    return 2
+    return 0
+
+
+def _calib_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.esc import run_calib_bench
+
+    run_calib_bench(args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False), args.calib_clips)
+    return 0
 
 
 if __name__ == "__main__":
