@@ -163,7 +163,7 @@ def quantize_job(
             }
             for r in quantizer.records()
         ],
-        "activations": activations,
+        "activations": [asdict(a) for a in activations],
         "size": size,
         "notes": inputs.notes,
         "esc": esc.to_dict() if esc is not None else None,

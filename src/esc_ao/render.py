@@ -96,7 +96,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for a in report["activations"]:
-        a = a if isinstance(a, dict) else a.__dict__
         lines.append(
             f"| {a['label']} | {a['min']:.4g} | {a['max']:.4g} | {a['threshold']:.4g} | "
             f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |"
