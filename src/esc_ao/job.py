@@ -117,13 +117,21 @@ def quantize_job(
     t0 = time.perf_counter()
     calibration = as_batches(inputs.calibration)
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
+    log.info("%s: %s", inputs.name, "using the given program" if graph is not None else "exporting (torch.export)")
     gm = graph if graph is not None else export_model(inputs.model, calibration[0])
+    log.info(
+        "transforms, prepare and observe: %d calibration batch(es)%s",
+        len(calibration),
+        f", recipe {recipe.suffix}" if recipe.suffix else "",
+    )
     ready = recipe.prepare(gm, calibration, config, keep_float)
     prepared, quantizer, transforms = ready.model, ready.quantizer, ready.transforms
     esc: CalibrationResult | None = None
     if config.method == "esc":
+        log.info("ESC search: local step, then CMA-ES")
         esc = calibrate(prepared, calibration, objective, search or SearchConfig(), checkpoint)
     t_calib = time.perf_counter() - t0
+    log.info("measuring per-layer and output SQNR on %d held-out batch(es)", len(heldout))
     quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
     per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
     # Read the observers before convert_pt2e replaces them with quantize/dequantize ops.
@@ -174,6 +182,7 @@ def quantize_job(
             if write_pte:
                 from esc_ao.lower import to_executorch
 
+                log.info("lowering to ExecuTorch XNNPACK (model.pte) and checking it")
                 lowered = to_executorch(
                     converted,
                     heldout[0],
