@@ -3,6 +3,8 @@ the SIGKILL resume test)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import sys
 
 import torch
@@ -12,14 +14,23 @@ from esc_ao import EscQuantizer, QuantConfig, SearchConfig, calibrate, export_mo
 from esc_ao.speech import ExportableConformer
 
 
-def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple]]:
+@functools.cache
+def _exported() -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple], torch.Tensor]:
+    """Exported once per process: the tests that share it each prepare a deep copy."""
     torch.manual_seed(0)
     model = ExportableConformer(
         torchaudio.models.Conformer(input_dim=32, num_heads=2, ffn_dim=64, num_layers=1, depthwise_conv_kernel_size=7)
     ).eval()
     batches = [(torch.randn(2, 40, 32), torch.tensor([40, 40])) for _ in range(3)]
+    rng = torch.get_rng_state()  # what a test drawing after small_setup saw before the cache
+    return model, export_model(model, batches[0]), batches, rng
+
+
+def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple]]:
+    model, exported, batches, rng = _exported()
+    torch.set_rng_state(rng)
     prepared = prepare(
-        export_model(model, batches[0]), EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method))
+        copy.deepcopy(exported), EscQuantizer(QuantConfig(weight_bits=bits, act_bits=bits, method=method))
     )
     observe(prepared, batches)
     return model, prepared, batches
