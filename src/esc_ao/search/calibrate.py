@@ -2,7 +2,7 @@
 
     prepared = prepare_pt2e(gm, quantizer)          # EscQuantizer or any PT2E quantizer
     for batch in calib: prepared(*batch)            # observers see the data
-    result = esc_ao.search.calibrate(prepared, calib)      # writes the searched scales back
+    result = esc_ao.calibrate(prepared, calib)      # writes the searched scales back
     converted = convert_pt2e(prepared)
 
 Search space (paper section "Method"; parameterisation not stated there, chosen here):

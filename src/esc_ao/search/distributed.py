@@ -1,6 +1,6 @@
 """Fitness evaluation sharded over torch.distributed ranks.
 
-Under ``torchrun --nproc-per-node N``, every rank runs the same ``esc_ao.search.calibrate`` call on
+Under ``torchrun --nproc-per-node N``, every rank runs the same ``esc_ao.calibrate`` call on
 the same data. The calibration batches are sharded (rank r takes batches r, r + N, ...);
 every rank evaluates each candidate on its shard; the objective's (numerator, denominator)
 parts are all-reduced, so every rank sees the objective of the whole set; rank 0 drives

@@ -195,6 +195,6 @@ def objective_by_name(name: str) -> Objective:
     if name not in _LABEL_FREE:
         raise ValueError(
             f"objective={name!r} is unknown: use one of {', '.join(_LABEL_FREE)} "
-            "(or pass an Objective callable to esc_ao.search.calibrate)"
+            "(or pass an Objective callable to esc_ao.calibrate)"
         )
     return _LABEL_FREE[name]()
