@@ -187,3 +187,6 @@ def test_a_saved_program_loads_in_a_fresh_process(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     with pytest.raises(FileNotFoundError, match="no program at"):
         load_program(tmp_path / "missing.pt2")
+    (tmp_path / "junk.pt2").write_text("not an archive")
+    with pytest.raises(ValueError, match="junk.pt2 is not a saved torch.export program"):
+        load_program(tmp_path / "junk.pt2")

@@ -7,6 +7,7 @@ the value and the fix.
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -217,8 +218,16 @@ def load_program(path: str | Path) -> torch.nn.Module:
 
     Raises:
         FileNotFoundError: naming ``path``.
+        ValueError: naming ``path``, when it is not a saved torch.export program.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no program at {path}: pass the model.pt2 that esc-ao quantize or save_program wrote")
-    return torch.export.load(str(path)).module()
+    try:
+        program = torch.export.load(str(path))
+    except (zipfile.BadZipFile, RuntimeError) as exc:  # torch raises either for a file that is not an archive
+        raise ValueError(
+            f"{path} is not a saved torch.export program ({exc}): pass the model.pt2 that esc-ao quantize or "
+            "save_program wrote"
+        ) from exc
+    return program.module()
