@@ -34,6 +34,7 @@ from typing import Iterable, Literal
 
 import torch
 from torch.fx import Node
+from torch.utils._pytree import tree_leaves
 from torchao.quantization.pt2e.quantizer import (
     QuantizationAnnotation,
     QuantizationSpec,
@@ -132,7 +133,7 @@ def graph_outputs(nodes: Iterable[Node]) -> set[Node]:
     program only rounds it (measured on Whisper tiny.en, the int8 logits and cross-attention
     keys and values cost 8 WER points of 12)."""
     out: set[Node] = set()
-    frontier = [a for n in nodes if n.op == "output" for a in _flatten(n.args)]
+    frontier = [a for n in nodes if n.op == "output" for a in tree_leaves(n.args) if isinstance(a, Node)]
     while frontier:
         node = frontier.pop()
         if node in out:
@@ -141,16 +142,6 @@ def graph_outputs(nodes: Iterable[Node]) -> set[Node]:
         if OP_ROLES.get(node.target) == "passthrough" and isinstance(node.args[0], Node):
             frontier.append(node.args[0])
     return out
-
-
-def _flatten(args: object) -> list[Node]:
-    if isinstance(args, Node):
-        return [args]
-    if isinstance(args, (tuple, list)):
-        return [n for a in args for n in _flatten(a)]
-    if isinstance(args, dict):
-        return [n for a in args.values() for n in _flatten(a)]
-    return []
 
 
 def residual_adds(nodes: Iterable[Node]) -> set[Node]:

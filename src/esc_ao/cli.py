@@ -388,10 +388,10 @@ def _quantize(args: argparse.Namespace) -> int:
     if not driver:
         return 0
     print(
-        f"{report['model']} {config.label} {config.method}{recipe.suffix} ({args.target}): "
-        f"output SQNR {report['output_sqnr_db']:.2f} dB on {report['heldout_batches']} held-out batch(es); "
+        f"{report.model} {config.label} {config.method}{recipe.suffix} ({args.target}): "
+        f"output SQNR {report.output_sqnr_db:.2f} dB on {report.heldout_batches} held-out batch(es); "
         f"wrote {args.out}/model.pt2, report.md, report.json"
-        f"{'' if args.no_pte else ', model.pte'} ({report['total_seconds']:.0f} s)"
+        f"{'' if args.no_pte else ', model.pte'} ({report.total_seconds or 0:.0f} s)"
     )
     return 0
 

@@ -18,13 +18,15 @@ from torch.fx import GraphModule
 from esc_ao.atomic import staged_dir, write_json_atomic, write_text_atomic
 from esc_ao.config import QuantConfig, SearchConfig
 from esc_ao.pipeline import Batch, as_batches, convert, export_model, save_program
+from esc_ao.precision import PrecisionPlan
 from esc_ao.recipe import Recipe
 from esc_ao.render import plot_convergence, render_markdown
-from esc_ao.report import layer_sqnr, observer_stats, output_sqnr, weight_bytes
+from esc_ao.report import ObserverStats, layer_sqnr, observer_stats, output_sqnr, weight_bytes
 from esc_ao.search.calibrate import CalibrationResult, calibrate
 from esc_ao.search.objectives import Objective
+from esc_ao.transforms.records import TransformRecord
 
-__all__ = ["JobInputs", "quantize_job", "whisper_default"]
+__all__ = ["JobInputs", "JobReport", "LayerRow", "quantize_job", "whisper_default"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,84 @@ class JobInputs:
     notes: dict[str, Any] = field(default_factory=dict)
     # The task metric of a model (float or quantized) on the held-out data, for the report.
     task_metric: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One annotated op: whether it was quantized (and why not), and its output's SQNR
+    against float on the first held-out batch (None where it was not measured)."""
+
+    node: str
+    op: str
+    module: str
+    quantized: bool
+    reason: str
+    sqnr_db: float | None
+
+
+@dataclass
+class JobReport:
+    """What the main job measured and wrote. ``to_dict()`` is the ``report.json`` form,
+    which ``esc_ao.render.render_markdown`` reads (so a saved report renders again)."""
+
+    model: str
+    config: QuantConfig
+    recipe: Recipe
+    transforms: list[TransformRecord]
+    precision_plan: PrecisionPlan | None
+    keep_float: list[str]
+    calibration_batches: int
+    heldout_batches: int
+    output_sqnr_db: float
+    task: dict[str, dict[str, Any]] | None
+    calibration_seconds: float
+    layers: list[LayerRow]
+    activations: list[ObserverStats]
+    # float32_bytes, quantized_bytes, and program_file_bytes once model.pt2 is written.
+    size: dict[str, int]
+    notes: dict[str, Any]
+    esc: CalibrationResult | None
+    # Set when model.pte was written: esc_ao.lower's LoweringResult.as_dict(), path, summary.
+    executorch: dict[str, Any] | None = None
+    # Set when the job returns (writing the outputs included).
+    total_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        cfg = self.config
+        out: dict[str, Any] = {
+            "model": self.model,
+            "config": {
+                "weight_bits": cfg.weight_bits,
+                "act_bits": cfg.act_bits,
+                "method": cfg.method,
+                "act_symmetric": cfg.act_symmetric,
+                "label": cfg.label,
+            },
+            "target": self.recipe.target,
+            "recipe": {"suffix": self.recipe.suffix, "description": self.recipe.describe(), **asdict(self.recipe)},
+            "transforms": [asdict(r) for r in self.transforms],
+            "precision_plan": (
+                {"summary": self.precision_plan.summary(), **self.precision_plan.to_dict()}
+                if self.precision_plan
+                else None
+            ),
+            "keep_float": self.keep_float,
+            "calibration_batches": self.calibration_batches,
+            "heldout_batches": self.heldout_batches,
+            "output_sqnr_db": self.output_sqnr_db,
+            "task": self.task,
+            "calibration_seconds": self.calibration_seconds,
+            "layers": [asdict(r) for r in self.layers],
+            "activations": [asdict(a) for a in self.activations],
+            "size": self.size,
+            "notes": self.notes,
+            "esc": self.esc.to_dict() if self.esc is not None else None,
+        }
+        if self.executorch is not None:
+            out["executorch"] = self.executorch
+        if self.total_seconds is not None:
+            out["total_seconds"] = self.total_seconds
+        return out
 
 
 def whisper_default(n_calibration: int | None = None) -> JobInputs:
@@ -98,7 +178,7 @@ def quantize_job(
     checkpoint: Path | None = None,
     write_pte: bool = False,
     recipe: Recipe = Recipe(),
-) -> dict[str, Any]:
+) -> JobReport:
     """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
     and ``report.md`` into ``out_dir`` (nothing is written when it is None), and with
     ``write_pte`` the ExecuTorch XNNPACK program ``model.pte`` (checked against the
@@ -137,48 +217,33 @@ def quantize_job(
     # Read the observers before convert_pt2e replaces them with quantize/dequantize ops.
     activations, size = observer_stats(prepared), weight_bytes(prepared)
     converted = convert(prepared)
-    report: dict[str, Any] = {
-        "model": inputs.name,
-        "config": {
-            "weight_bits": config.weight_bits,
-            "act_bits": config.act_bits,
-            "method": config.method,
-            "act_symmetric": config.act_symmetric,
-            "label": config.label,
-        },
-        "target": recipe.target,
-        "recipe": {"suffix": recipe.suffix, "description": recipe.describe(), **asdict(recipe)},
-        "transforms": [asdict(r) for r in transforms],
-        "precision_plan": ({"summary": ready.plan.summary(), **ready.plan.to_dict()} if ready.plan else None),
-        "keep_float": list(keep_float),
-        "calibration_batches": len(calibration),
-        "heldout_batches": len(heldout),
-        "output_sqnr_db": output_sqnr(inputs.model, converted, heldout),
-        "task": (
+    report = JobReport(
+        model=inputs.name,
+        config=config,
+        recipe=recipe,
+        transforms=list(transforms),
+        precision_plan=ready.plan,
+        keep_float=list(keep_float),
+        calibration_batches=len(calibration),
+        heldout_batches=len(heldout),
+        output_sqnr_db=output_sqnr(inputs.model, converted, heldout),
+        task=(
             {"float": inputs.task_metric(inputs.model), "quantized": inputs.task_metric(converted)}
             if inputs.task_metric is not None
             else None
         ),
-        "calibration_seconds": round(t_calib, 2),
-        "layers": [
-            {
-                "node": r.node,
-                "op": r.op,
-                "module": r.module,
-                "quantized": r.quantized,
-                "reason": r.reason,
-                "sqnr_db": per_layer.get(r.node),
-            }
-            for r in quantizer.records()
+        calibration_seconds=round(t_calib, 2),
+        layers=[
+            LayerRow(r.node, r.op, r.module, r.quantized, r.reason, per_layer.get(r.node)) for r in quantizer.records()
         ],
-        "activations": [asdict(a) for a in activations],
-        "size": size,
-        "notes": inputs.notes,
-        "esc": esc.to_dict() if esc is not None else None,
-    }
+        activations=list(activations),
+        size=size,
+        notes=inputs.notes,
+        esc=esc,
+    )
     if out_dir is not None:
         with staged_dir(Path(out_dir)) as stage:  # every output, or (on a failure) none
-            report["size"]["program_file_bytes"] = save_program(converted, calibration[0], stage / "model.pt2")
+            report.size["program_file_bytes"] = save_program(converted, calibration[0], stage / "model.pt2")
             if write_pte:
                 from esc_ao.lower import to_executorch
 
@@ -190,14 +255,14 @@ def quantize_job(
                     act_bits=config.act_bits,
                     reference=inputs.model if graph is None else None,
                 )
-                report["executorch"] = {
+                report.executorch = {
                     **lowered.as_dict(),
                     "path": str(Path(out_dir) / "model.pte"),
                     "summary": lowered.coverage.summary(),
                 }
             if esc is not None and esc.history:
                 plot_convergence(esc.history, esc.initial_objective, stage / "convergence.png")
-            write_json_atomic(stage / "report.json", report)
-            write_text_atomic(stage / "report.md", render_markdown(report))
-    report["total_seconds"] = round(time.perf_counter() - t0, 2)
+            write_json_atomic(stage / "report.json", report.to_dict())
+            write_text_atomic(stage / "report.md", render_markdown(report.to_dict()))
+    report.total_seconds = round(time.perf_counter() - t0, 2)
     return report

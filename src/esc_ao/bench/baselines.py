@@ -39,9 +39,9 @@ def run_baselines(
                     "method": method,
                     "bits": f"w{wb}a{ab}",
                     "metric": "output_sqnr_db",
-                    "value": round(report["output_sqnr_db"], 2),
-                    "calibration_batches": report["calibration_batches"],
-                    "heldout_batches": report["heldout_batches"],
+                    "value": round(report.output_sqnr_db, 2),
+                    "calibration_batches": report.calibration_batches,
+                    "heldout_batches": report.heldout_batches,
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )

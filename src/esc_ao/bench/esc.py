@@ -35,31 +35,33 @@ def run_esc_bench(
         base = quantize_job(inputs, QuantConfig.from_label(label, method="mse"), None)
         t0 = time.perf_counter()
         esc_report = quantize_job(inputs, QuantConfig.from_label(label, method="esc"), None, search=search)
-        esc = esc_report["esc"]
+        esc = esc_report.esc
+        if esc is None:
+            raise RuntimeError(f"{label}: the ESC job returned no search result")
         row = {
             "model": inputs.name,
             "bits": label,
             "metric": "output_sqnr_db",
-            "mse_value": round(base["output_sqnr_db"], 2),
-            "esc_value": round(esc_report["output_sqnr_db"], 2),
-            "objective_local_step": esc["initial_objective"],
-            "objective_final": esc["final_objective"],
-            "start": f"start: {esc['start']}",
-            "evaluations": esc["evaluations"],
-            "evaluations_per_second": round(esc["evaluations_per_second"], 3),
-            "search_seconds": round(esc["wall_seconds"], 1),
+            "mse_value": round(base.output_sqnr_db, 2),
+            "esc_value": round(esc_report.output_sqnr_db, 2),
+            "objective_local_step": esc.initial_objective,
+            "objective_final": esc.final_objective,
+            "start": f"start: {esc.start}",
+            "evaluations": esc.evaluations,
+            "evaluations_per_second": round(esc.evaluations_per_second, 3),
+            "search_seconds": round(esc.wall_seconds, 1),
             "total_seconds": round(time.perf_counter() - t0, 1),
-            "scales": len(esc["labels"]),
-            "calibration_batches": esc_report["calibration_batches"],
-            "heldout_batches": esc_report["heldout_batches"],
+            "scales": len(esc.labels),
+            "calibration_batches": esc_report.calibration_batches,
+            "heldout_batches": esc_report.heldout_batches,
             "budget": search.budget,
             "popsize": search.popsize,
             "seed": search.seed,
         }
         rows.append(row)
         print(row, flush=True)
-        if esc["history"]:
-            plot_convergence(esc["history"], esc["initial_objective"], out_dir / f"whisper_encoder_esc_{label}.png")
+        if esc.history:
+            plot_convergence(esc.history, esc.initial_objective, out_dir / f"whisper_encoder_esc_{label}.png")
     meta = {"machine": describe(), "torch": torch.__version__}
     write_json_atomic(out_dir / "whisper_encoder_esc.json", {"meta": meta, "rows": rows})
     lines = [

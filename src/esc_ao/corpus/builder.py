@@ -399,7 +399,13 @@ def _build(spec: CorpusSpec, folder: Path, fingerprint: str, workers: int | None
         "sizes": spec.sizes,
         "items": items,
     }
-    # The manifest is the completion mark: written last, then the folder swapped in.
+    return publish(tmp, folder, manifest)
+
+
+def publish(tmp: Path, folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``manifest.json`` into the finished ``tmp`` folder, then swaps it in for
+    ``folder``. The manifest is the completion mark, so it is written last: a folder
+    without one is a partial build and is never used."""
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=0) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)

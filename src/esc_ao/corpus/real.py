@@ -69,7 +69,16 @@ import torch
 import torchaudio
 import torchaudio.functional as AF
 
-from esc_ao.corpus.builder import RENDER_THREADS, Corpus, CorpusSpec, Utterance, _wav_bytes, cache_root, verify
+from esc_ao.corpus.builder import (
+    RENDER_THREADS,
+    Corpus,
+    CorpusSpec,
+    Utterance,
+    _wav_bytes,
+    cache_root,
+    publish,
+    verify,
+)
 from esc_ao.corpus.voices import SAMPLE_RATE
 
 __all__ = [
@@ -767,12 +776,7 @@ def _build(root: Path, folder: Path, fingerprint: str) -> dict[str, Any]:
         "excluded": sorted(excluded, key=lambda e: (e["package"], e["original"])),
         "items": items,
     }
-    # The manifest is the completion mark: written last, then the folder swapped in.
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=0) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(folder)
-    return manifest
+    return publish(tmp, folder, manifest)
 
 
 def load_real_corpus(name: str = CORPUS_NAME, root: Path | None = None) -> Corpus:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "Accuracy",
@@ -47,14 +48,8 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output (nested tuples, lists and dicts), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in output_tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in output_tensors(o)]
-    return []
+    """Every tensor of a model output (any pytree: nested tuples, lists, dicts), in order."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 @dataclass(frozen=True)
