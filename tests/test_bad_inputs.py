@@ -151,6 +151,9 @@ def _api_cases() -> list[tuple[str, Callable[[], object], type[Exception], str]]
         ("QuantConfig(method='foo')", lambda: QuantConfig(method="foo"), ValueError, r"method='foo' is unknown"),
         ("QuantConfig(histogram_bins=100)", lambda: QuantConfig(histogram_bins=100), ValueError, r"power of two"),
         ("SearchConfig(log_bounds=(1, 2))", lambda: SearchConfig(log_bounds=(1.0, 2.0)), ValueError, r"bracket 0"),
+        ("SearchConfig(stages=0)", lambda: SearchConfig(stages=0), ValueError, r"stages=0 must be >= 1"),
+        ("SearchConfig(stage_budget=-1)", lambda: SearchConfig(stage_budget=-1), ValueError, r"stage_budget=-1"),
+        ("SearchConfig(subsample=0)", lambda: SearchConfig(subsample=0), ValueError, r"subsample=0 must be >= 1"),
         ("EscQuantizer(target='npu')", lambda: EscQuantizer(target="npu"), ValueError, r"target='npu' is not one of"),
         ("set_module_name('')", lambda: EscQuantizer().set_module_name("", None), ValueError, r"non-empty"),
         (

@@ -101,18 +101,26 @@ def test_quantize_with_esc_writes_search_report_and_plot(tmp_path: Path) -> None
         "--target",
         "reference",
     ]
-    assert main(args) == 0
+    assert main([*args, "--stages", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     esc = report["esc"]
     assert esc["final_objective"] <= esc["initial_objective"]
     # one dimension per activation observer of the encoder (a shared observer is one)
     assert len(esc["labels"]) >= 40 and len(set(esc["labels"])) == len(esc["labels"])
-    assert esc["evaluations"] == 2 + 4 + 1
+    assert esc["evaluations"] == 2 + 4 + 1 and esc["stages"] == []
     assert (out / "convergence.png").stat().st_size > 1000 and ckpt.exists()
     assert "ESC:" in (out / "report.md").read_text()
     # At 4-bit weights the default recipe rounds with GPTQ and keeps the conv front end at
     # 8-bit weights.
     assert {"gptq", "c8"} <= set(report["recipe"]["suffix"].split("+")), report["recipe"]
+    # The default search is staged: each stage searched on its own, never ending worse
+    # than it started, then one flat generation from there.
+    ckpt.unlink()
+    assert main([*args, "--stage-budget", "1"]) == 0
+    esc = json.loads((out / "report.json").read_text())["esc"]
+    assert len(esc["stages"]) >= 4 and esc["final_objective"] <= esc["initial_objective"]
+    assert all(s["objective_final"] <= s["objective_start"] for s in esc["stages"]), esc["stages"]
+    assert "## ESC staged search" in (out / "report.md").read_text()
 
 
 def test_calibration_data_that_fits_the_default_model_is_used(tmp_path: Path) -> None:

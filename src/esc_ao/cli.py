@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -13,21 +14,27 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS, ResidualPrecision
+from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
+from esc_ao.bench.search_cost import DEFAULT_VARIANTS
 from esc_ao.config import BIT_LABELS, METHODS, QuantConfig, SearchConfig
 from esc_ao.job import JobInputs, quantize_job, whisper_default
 from esc_ao.pipeline import check_batches, input_shapes
-from esc_ao.recipe import Recipe
+from esc_ao.recipe import main_job_recipe
 from esc_ao.search.checkpoint import load_checkpoint
 from esc_ao.search.objectives import objective_by_name
 
 __all__ = ["main"]
 
 DEFAULT_OUT = Path("esc_ao_out")
-# The main job's default search: small enough to finish in minutes on 2 cores (see README).
-DEFAULT_BUDGET = 8
+# The main job's default search: the staged search, sized to finish the whole job within
+# 5 minutes on 2 cores (docs/esc.md, "Cost"): 8 stages x 4 generations x 8 candidates on 2
+# of the 12 bundled clips per generation, no flat search after it.
+DEFAULT_BUDGET = 0
 DEFAULT_POPSIZE = 8
+DEFAULT_STAGES = 8
+DEFAULT_STAGE_BUDGET = 4
+DEFAULT_SUBSAMPLE = 2
 
 
 class UsageError(ValueError):
@@ -147,6 +154,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--popsize", type=int, default=DEFAULT_POPSIZE, help=f"candidates per generation (default {DEFAULT_POPSIZE})"
     )
+    e.add_argument(
+        "--stages",
+        type=int,
+        default=DEFAULT_STAGES,
+        help="search the graph in up to N stages first, each with what comes before it cached, then "
+        f"the flat search from there (default {DEFAULT_STAGES}; 1: the flat search only, as the paper)",
+    )
+    e.add_argument(
+        "--stage-budget",
+        type=int,
+        default=DEFAULT_STAGE_BUDGET,
+        help=f"CMA-ES generations per stage (default {DEFAULT_STAGE_BUDGET})",
+    )
+    e.add_argument(
+        "--subsample",
+        type=int,
+        default=DEFAULT_SUBSAMPLE,
+        help="calibration clips each generation scores, the same for all its candidates "
+        f"(default {DEFAULT_SUBSAMPLE}; 0: all)",
+    )
     e.add_argument("--sigma0", type=float, default=0.1)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument(
@@ -177,6 +204,21 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--budget", type=int, default=3)
     bc.add_argument("--popsize", type=int, default=8)
     bc.add_argument("--calib-clips", type=int, default=None)
+    bq = bsub.add_parser(
+        "search",
+        help="ESC search variants (flat, staged, subsampled) on the main job's model: wall time, "
+        "objective, real-speech SQNR and WER",
+    )
+    bq.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        help="NAME:FIELD=VALUE,... with SearchConfig fields (default: %(default)s)",
+    )
+    bq.add_argument("--test-utterances", type=int, default=100, help="real-speech test utterances scored")
+    bq.add_argument("--popsize", type=int, default=8)
+    bq.add_argument("--seed", type=int, default=0)
+    bq.add_argument("--out", type=Path, default=Path("docs/results"))
     bs = bsub.add_parser(
         "speed",
         help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native " "runner), size, peak memory",
@@ -235,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
         (bb, _baselines),
         (be, _esc_bench),
         (bc, _calib_bench),
+        (bq, _search_bench),
         (bs, _speed_bench),
         (ba, _accuracy_bench),
         (c, _corpus),
@@ -328,7 +371,18 @@ def _quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(
         weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, act_symmetric=not args.affine
     )
-    search = SearchConfig(budget=args.budget, popsize=args.popsize, sigma0=args.sigma0, seed=args.seed)
+    try:
+        search = SearchConfig(
+            budget=args.budget,
+            popsize=args.popsize,
+            sigma0=args.sigma0,
+            seed=args.seed,
+            stages=args.stages,
+            stage_budget=args.stage_budget,
+            subsample=args.subsample or None,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     _check_out(args.out)
     if args.checkpoint is not None:
         if args.method != "esc":
@@ -346,20 +400,16 @@ def _quantize(args: argparse.Namespace) -> int:
         inputs, graph = _default_inputs(args), None
     # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
     driver = os.environ.get("RANK", "0") == "0"
-    residual: ResidualPrecision = args.residual or ("int16" if args.target == "reference" else "float")
-    use_gptq = args.gptq if args.gptq is not None else args.weight_bits == 4
-    # Measured on Whisper tiny.en W4A8 (real speech): 7.41 % WER -> 5.44 % for ~6 % of the
-    # encoder's multiply-accumulates at 8-bit weights (docs/results/accuracy.md).
-    conv_8bit = args.conv_8bit if args.conv_8bit is not None else args.weight_bits == 4
+    default = main_job_recipe(args.target, args.weight_bits)
     try:  # Recipe checks the combination (--residual/--attention-probs with --target, the budget's range)
         if args.rotate_block is not None and not args.rotate:
             raise ValueError(f"--rotate-block {args.rotate_block} needs --rotate")
-        recipe = Recipe(
-            target=args.target,
-            residual=residual,
-            smooth=not args.no_smooth,
-            gptq=use_gptq,
-            conv_8bit=conv_8bit,
+        recipe = dataclasses.replace(
+            default,
+            residual=args.residual or default.residual,
+            smooth=default.smooth and not args.no_smooth,
+            gptq=args.gptq if args.gptq is not None else default.gptq,
+            conv_8bit=args.conv_8bit if args.conv_8bit is not None else default.conv_8bit,
             weight_group=args.weight_group,
             precision_budget=args.precision_budget,
             rotate=args.rotate,
@@ -503,6 +553,16 @@ def _calib_bench(args: argparse.Namespace) -> int:
     from esc_ao.bench.esc import run_calib_bench
 
     run_calib_bench(args.bits, SearchConfig(budget=args.budget, popsize=args.popsize, progress=False), args.calib_clips)
+    return 0
+
+
+def _search_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.search_cost import run_search_bench
+
+    if args.test_utterances < 1:
+        raise UsageError(f"--test-utterances {args.test_utterances}: use >= 1")
+    base = SearchConfig(popsize=args.popsize, seed=args.seed, progress=False)
+    run_search_bench(args.out, args.variants, args.test_utterances, base)
     return 0
 
 

@@ -104,6 +104,13 @@ class SearchConfig:
         local_batches: calibration batches the local step uses (it keeps every
             intermediate tensor of a batch in memory).
         progress: show a progress bar per generation.
+        stages: 1 searches all scales at once (the paper's flat search); N > 1 first
+            searches the graph in up to N stages in order, each with everything before it
+            cached (esc_ao.search.staged), and starts the flat search from the result.
+        stage_budget: CMA-ES generations per stage (staged search only).
+        subsample: calibration batches each generation scores (the same subset for every
+            candidate of a generation, drawn from the seed); None scores all. The search's
+            start and its result are always compared on all batches.
         dist_timeout_s: under torchrun, how long a collective may wait for another rank
             before the survivors fail with DistributedError.
     """
@@ -117,6 +124,9 @@ class SearchConfig:
     local_grid: int = 16
     local_batches: int = 1
     progress: bool = True
+    stages: int = 1
+    stage_budget: int = 8
+    subsample: int | None = None
     # Long enough for the local step, which rank 0 runs while the others wait (measured:
     # over 120 s for Whisper's encoder on one thread); a rank that dies is still detected
     # at once by gloo's closed connection.
@@ -134,6 +144,12 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.log_bounds={self.log_bounds!r} must bracket 0, e.g. (-3.0, 1.0)")
         if self.final not in ("mean", "best"):
             raise ValueError(f"SearchConfig.final={self.final!r}: use 'mean' (paper) or 'best'")
+        if isinstance(self.stages, bool) or self.stages < 1:
+            raise ValueError(f"SearchConfig.stages={self.stages!r} must be >= 1 (1: the flat search only)")
+        if isinstance(self.stage_budget, bool) or self.stage_budget < 0:
+            raise ValueError(f"SearchConfig.stage_budget={self.stage_budget!r} must be >= 0 generations per stage")
+        if self.subsample is not None and (isinstance(self.subsample, bool) or self.subsample < 1):
+            raise ValueError(f"SearchConfig.subsample={self.subsample!r} must be >= 1 batch (or None: all)")
         if self.local_grid < 2 or self.local_batches < 1:
             raise ValueError(
                 f"SearchConfig.local_grid={self.local_grid!r} must be >= 2 and "

@@ -66,9 +66,25 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- ESC: {len(esc['labels'])} activation scales; objective {esc['initial_objective']:.5g} "
             f"(local step) -> {esc['final_objective']:.5g} after {esc['evaluations']} evaluations "
             f"({esc['evaluations_per_second']:.2f}/s); {esc['message']}",
-            "",
-            "![ESC convergence](convergence.png)",
         ]
+        if esc.get("stages"):
+            lines += [
+                "",
+                "## ESC staged search",
+                "",
+                "Objective of a stage: the noise-to-signal ratio of the tensor it ends at (at the model's "
+                "output: the search's objective).",
+                "",
+                "| stage | scales | ends at | objective start | objective final |",
+                "|---|---|---|---|---|",
+                *(
+                    f"| {s['stage']} | {s['scales']} | {s['ends_at']} | {s['objective_start']:.5g} | "
+                    f"{s['objective_final']:.5g} |"
+                    for s in esc["stages"]
+                ),
+            ]
+        if esc.get("history"):
+            lines += ["", "![ESC convergence](convergence.png)"]
     if report["transforms"]:
         lines += ["", "## Transforms", "", "| node | transform | applied | detail |", "|---|---|---|---|"]
         lines += [

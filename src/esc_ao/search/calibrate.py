@@ -33,15 +33,15 @@ from esc_ao.observers import observer_mode
 from esc_ao.pipeline import Batch, as_batches
 from esc_ao.search.checkpoint import CheckpointError, load_checkpoint, object_state, restore_object, save_checkpoint
 from esc_ao.search.distributed import Cluster, cluster_from_env
+from esc_ao.search.es import PENALTY, cma_options, generation_batches
 from esc_ao.search.local_step import local_mse_scales
 from esc_ao.search.objectives import Objective, OutputMSE, objective_parts
 from esc_ao.search.space import ScaleDim, find_scale_dims
+from esc_ao.search.staged import StagedSearch, plan_stages
 
 __all__ = ["CalibrationResult", "CheckpointError", "NonFiniteObjectiveError", "calibrate"]
 
 log = logging.getLogger(__name__)
-
-_PENALTY = 1e30  # fitness of a candidate whose objective is NaN/Inf: ranked last
 
 
 class NonFiniteObjectiveError(RuntimeError):
@@ -68,6 +68,8 @@ class CalibrationResult:
     holdout_start: float | None = None
     holdout_final: float | None = None
     start: str = ""  # which starting point the local step chose (also the message's first part)
+    # the staged search, one entry per stage: scales, boundary, objective before and after
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def evaluations_per_second(self) -> float:
@@ -97,6 +99,13 @@ class SearchState:
     x_mean: np.ndarray | None = None
     es: dict[str, Any] | None = None  # pycma's state (esc_ao.search.checkpoint.object_state)
     np_rng: Any = None  # numpy's global RNG state (np.random.get_state), which pycma samples from
+    kind: str = "flat search"  # or "staged search (N stages)": a checkpoint resumes only its own kind
+    # The staged search's progress: every scale as the finished stages left it, how many
+    # stages are finished, and its result as log-offsets from ``local`` (None until done).
+    stage_scales: list[float] | None = None
+    stages_done: int = 0
+    staged: list[float] | None = None
+    stage_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -121,10 +130,13 @@ class _Evaluator:
         self.refs = _outputs(prepared, shard, fake_quant=False)  # the float reference, once
         self.count = 0
 
-    def __call__(self, scales: Sequence[float]) -> float:
+    def __call__(self, scales: Sequence[float], batches: Sequence[int] | None = None) -> float:
+        """The objective over all of this rank's batches, or over the given indices."""
         _set_scales(self.dims, scales)
-        outputs = _outputs(self.prepared, self.shard, fake_quant=True)
-        num, den = self.cluster.sum_parts(*objective_parts(self.objective, outputs, self.refs))
+        pick = range(len(self.shard)) if batches is None else batches
+        outputs = _outputs(self.prepared, [self.shard[i] for i in pick], fake_quant=True)
+        refs = [self.refs[i] for i in pick]
+        num, den = self.cluster.sum_parts(*objective_parts(self.objective, outputs, refs))
         self.count += 1
         return num / den if den != 0 else math.nan
 
@@ -160,10 +172,20 @@ def _fingerprint(dims: list[ScaleDim], observer_scales: list[float], config: Sea
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _load_state(path: Path, fingerprint: str) -> SearchState | None:
+def _search_kind(config: SearchConfig) -> str:
+    return "flat search" if config.stages == 1 else f"staged search ({config.stages} stages)"
+
+
+def _load_state(path: Path, fingerprint: str, kind: str) -> SearchState | None:
     if not path.exists():
         return None
     state = load_checkpoint(path)
+    saved = state.get("kind", "flat search")
+    if saved != kind:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {saved} and this run is a {kind}: resume it with the "
+            "same SearchConfig.stages, or delete it or pass another path to start afresh"
+        )
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was written for another model, calibration set or SearchConfig "
@@ -173,24 +195,6 @@ def _load_state(path: Path, fingerprint: str) -> SearchState | None:
 
 
 # --- CMA-ES ------------------------------------------------------------------------------
-
-
-def _cma_options(config: SearchConfig, n: int) -> dict[str, Any]:
-    """The only place pycma's options are built: seed, popsize, budget, bounds, and no
-    files or console output of its own."""
-    opts: dict[str, Any] = {
-        "seed": config.seed + 1,  # pycma treats seed 0 as "random"
-        "bounds": [config.log_bounds[0], config.log_bounds[1]],
-        "maxiter": config.budget,
-        "verbose": -9,
-        "verb_log": 0,
-        "verb_disp": 0,
-        "tolfun": 0.0,
-        "tolflatfitness": config.budget + 1,
-    }
-    if config.popsize is not None:
-        opts["popsize"] = config.popsize
-    return opts
 
 
 def calibrate(
@@ -255,20 +259,33 @@ def _calibrate(
 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(dims, observer_scales, config, len(batches))
-    state = _load_state(ckpt_path, fingerprint) if ckpt_path and cluster.is_driver else None
+    kind = _search_kind(config)
+    if config.subsample is not None and not hasattr(objective or OutputMSE(), "parts"):
+        raise ValueError(
+            f"SearchConfig.subsample={config.subsample} needs a label-free objective (OutputMSE, LogitKL): "
+            f"{type(objective).__name__} holds per-batch labels by position; use subsample=None"
+        )
+    state = _load_state(ckpt_path, fingerprint, kind) if ckpt_path and cluster.is_driver else None
     state = cluster.broadcast(state)
     if state is None:
         state = _start(prepared, dims, batches, config, evaluate, cluster, observer_scales, fingerprint)
+        state.kind = kind
     local, init_obj = state.local, state.init_obj
     log.info("ESC: %d scales, start objective %.6g", len(dims), init_obj)
 
     def to_scales(x: Sequence[float] | np.ndarray) -> list[float]:
         return [s * math.exp(float(v)) for s, v in zip(local, x)]
 
+    if config.stages > 1 and state.staged is None:
+        _staged(prepared, dims, config, evaluate, state, ckpt_path)
+
     if config.budget > 0:
         _search(evaluate, config, state, to_scales, ckpt_path, batches[0])
 
-    x_final = state.best[1] if config.final == "best" else state.x_mean
+    if config.budget == 0 and state.staged is not None:
+        x_final: Any = np.asarray(state.staged, dtype=float)
+    else:
+        x_final = state.best[1] if config.final == "best" else state.x_mean
     final_scales = to_scales(x_final) if x_final is not None else list(local)
     final_obj = evaluate(final_scales)
     if math.isfinite(final_obj) and final_obj <= init_obj:
@@ -312,6 +329,7 @@ def _calibrate(
         holdout_start=held[0] if held else None,
         holdout_final=held[1] if held else None,
         start=state.start,
+        stages=list(state.stage_log),
     )
 
 
@@ -354,6 +372,82 @@ def _start(
     )
 
 
+def _staged(
+    prepared: GraphModule,
+    dims: list[ScaleDim],
+    config: SearchConfig,
+    evaluate: _Evaluator,
+    state: SearchState,
+    ckpt_path: Path | None,
+) -> None:
+    """The staged search (esc_ao.search.staged) from the local step's scales; its result,
+    as log-offsets from them, becomes the flat search's starting mean. Checkpointed after
+    every stage: a resumed run rebuilds the finished stages' caches and goes on."""
+    stages = plan_stages(prepared, dims, config.stages)
+    search = StagedSearch(prepared, dims, stages, evaluate.shard, evaluate.objective, evaluate.refs, evaluate.cluster)
+    scales = list(state.stage_scales or state.local)
+    log.info(
+        "ESC staged search: %d stages (%s scales), %d generations each",
+        len(stages),
+        "/".join(str(len(s.dims)) for s in stages),
+        config.stage_budget,
+    )
+    _set_scales(dims, scales)
+    for k in range(state.stages_done):  # resumed: the finished stages' caches
+        search.advance(k)
+    from tqdm.auto import tqdm
+
+    searched = [k for k, s in enumerate(stages) if s.dims]
+    bar = tqdm(
+        total=len(searched) * config.stage_budget,
+        initial=sum(k < state.stages_done for k in searched) * config.stage_budget,
+        desc="ESC stages",
+        unit="gen",
+        disable=not (config.progress and evaluate.cluster.is_driver),
+    )
+
+    def on_generation(generation: int, values: list[float]) -> None:
+        finite = [v for v in values if math.isfinite(v)]
+        bar.set_postfix(stage=f"{k + 1}/{len(stages)}", best=f"{min(finite):.4g}" if finite else "nan")
+        bar.update(1)
+
+    for k in range(state.stages_done, len(stages)):
+        ids = stages[k].dims
+        if ids:
+            found, before, after = search.search_stage(k, [scales[i] for i in ids], config, on_generation)
+            for i, v in zip(ids, found):
+                scales[i] = v
+            log.info("ESC stage %d/%d: %d scales, objective %.6g -> %.6g", k + 1, len(stages), len(ids), before, after)
+            boundary = stages[k].boundary
+            state.stage_log.append(
+                {
+                    "stage": k + 1,
+                    "scales": len(ids),
+                    "ends_at": boundary.name if boundary is not None else "output",
+                    "objective_start": before,
+                    "objective_final": after,
+                }
+            )
+        search.advance(k)
+        state.stage_scales, state.stages_done = list(scales), k + 1
+        if ckpt_path is not None and evaluate.cluster.is_driver:
+            save_checkpoint(ckpt_path, asdict(state))
+    bar.close()
+    state.evaluations += search.evaluations
+    offsets = [math.log(s / s0) for s, s0 in zip(scales, state.local)]
+    state.staged, state.x_mean = offsets, np.asarray(offsets, dtype=float)
+    # The flat search's "best" must know the staged point's value; without a flat search
+    # the staged point is the result and is scored once, by the caller.
+    if config.budget > 0:
+        value = evaluate(scales)
+        state.evaluations += 1
+        log.info("ESC staged search: objective %.6g (local step %.6g)", value, state.init_obj)
+        if math.isfinite(value) and value < state.best[0]:
+            state.best = (value, np.asarray(offsets, dtype=float))
+    if ckpt_path is not None and evaluate.cluster.is_driver:
+        save_checkpoint(ckpt_path, asdict(state))
+
+
 def _search(
     evaluate: _Evaluator,
     config: SearchConfig,
@@ -368,9 +462,8 @@ def _search(
     cluster = evaluate.cluster
     es = None
     if cluster.is_driver:
-        es = cma.CMAEvolutionStrategy(
-            np.zeros(len(evaluate.dims)), config.sigma0, _cma_options(config, len(evaluate.dims))
-        )
+        x0 = np.zeros(len(evaluate.dims)) if state.staged is None else np.asarray(state.staged, dtype=float)
+        es = cma.CMAEvolutionStrategy(x0, config.sigma0, cma_options(config, config.budget))
         if state.es is not None:  # resume: pycma's state into the fresh object, then the RNG it samples from
             restore_object(es, state.es, "cma")
             es.timer = cma.utilities.utils.ElapsedWCTime()  # wall clock only; pycma makes it in the first ask
@@ -384,8 +477,9 @@ def _search(
         candidates = cluster.broadcast(candidates)
         if candidates is None:
             break
-        values = [evaluate(to_scales(x)) for x in candidates]
         generation = len(state.history) + 1
+        pick = generation_batches(len(evaluate.shard), config, (0, generation))
+        values = [evaluate(to_scales(x), pick) for x in candidates]
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
             raise NonFiniteObjectiveError(
@@ -400,7 +494,7 @@ def _search(
         state.evaluations += len(candidates)
         sigma = math.nan
         if es is not None:
-            es.tell(candidates, [v if math.isfinite(v) else _PENALTY for v in values])
+            es.tell(candidates, [v if math.isfinite(v) else PENALTY for v in values])
             state.x_mean, sigma = np.asarray(es.mean, dtype=float).copy(), float(es.sigma)
         state.history.append(
             {
