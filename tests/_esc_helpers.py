@@ -36,9 +36,18 @@ def small_setup(method: str = "esc", bits: int = 4) -> tuple[torch.nn.Module, to
     return model, prepared, batches
 
 
-def run_search(checkpoint: str | None, budget: int, seed: int = 0, objective=None) -> list[float]:
+def run_search(checkpoint: str | None, budget: int, seed: int = 0, objective=None, stages: int = 1) -> list[float]:
     _, prepared, batches = small_setup()
-    config = SearchConfig(budget=budget, popsize=6, seed=seed, progress=False, local_grid=8, dist_timeout_s=30)
+    config = SearchConfig(
+        budget=budget,
+        popsize=6,
+        seed=seed,
+        progress=False,
+        local_grid=8,
+        dist_timeout_s=30,
+        stages=stages,
+        stage_budget=2,
+    )
     return calibrate(prepared, batches, objective=objective, config=config, checkpoint=checkpoint).final_scales
 
 
@@ -66,6 +75,7 @@ if __name__ == "__main__":  # python _esc_helpers.py CHECKPOINT BUDGET OUT [die-
     torch.set_num_threads(1)
     ckpt = None if sys.argv[1] == "-" else sys.argv[1]
     objective = _dying_objective(int(sys.argv[4])) if len(sys.argv) > 4 else None
-    scales = run_search(ckpt, int(sys.argv[2]), objective=objective)
+    # ESC_TEST_STAGES: the staged search (default 1: flat)
+    scales = run_search(ckpt, int(sys.argv[2]), objective=objective, stages=int(os.environ.get("ESC_TEST_STAGES", "1")))
     if os.environ.get("RANK", "0") == "0":
         torch.save(scales, sys.argv[3])

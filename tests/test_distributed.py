@@ -30,7 +30,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_ranks_give_the_one_process_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stages", [1, 4])
+def test_two_ranks_give_the_one_process_result(tmp_path: Path, stages: int) -> None:
     out = tmp_path / "scales.pt"
     subprocess.run(
         [
@@ -45,12 +46,12 @@ def test_two_ranks_give_the_one_process_result(tmp_path: Path) -> None:
             "4",
             str(out),
         ],
-        env=_env(),
+        env=_env(ESC_TEST_STAGES=str(stages)),
         check=True,
         timeout=600,
     )
     two = torch.load(out)
-    one = run_search(None, 4)
+    one = run_search(None, 4, stages=stages)
     # Same seed and data; only the order of the float sums differs between 1 and 2 ranks.
     assert two == pytest.approx(one, rel=1e-4)
 

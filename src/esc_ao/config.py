@@ -127,9 +127,9 @@ class SearchConfig:
     stages: int = 1
     stage_budget: int = 8
     subsample: int | None = None
-    # Long enough for the local step, which rank 0 runs while the others wait (measured:
-    # over 120 s for Whisper's encoder on one thread); a rank that dies is still detected
-    # at once by gloo's closed connection.
+    # Long enough for the longest stretch between collectives (the local step, over 120 s
+    # for Whisper's encoder on one thread, shared by the ranks); a rank that dies is still
+    # detected at once by gloo's closed connection.
     dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:

@@ -344,11 +344,12 @@ def _start(
     fingerprint: str,
 ) -> SearchState:
     """The local step and the search's starting point (a fresh search state)."""
-    layer_mse = None
-    if cluster.is_driver:  # on the first (global) batches, so every world size starts alike
-        layer_mse = local_mse_scales(prepared, dims, batches[: config.local_batches], config.local_grid)
-    layer_mse = cluster.broadcast(layer_mse)
-    assert layer_mse is not None  # the driver's scales, on every rank
+    # Every rank fits its share of the dimensions (each is fitted on its own) on the first
+    # global batches, so every world size starts alike; the shares are then merged.
+    mine = list(range(cluster.rank, len(dims), cluster.world))
+    fitted = local_mse_scales(prepared, dims, batches[: config.local_batches], config.local_grid, mine)
+    merged = cluster.merge(dict(zip(mine, fitted)))
+    layer_mse = [merged[i] for i in range(len(dims))]
     # Start from whichever is better on the objective: the layer-output MSE scales or the
     # observers' own (for EscObserver, the tensor's own MSE optimum). Measured on a W4A4
     # Conformer, the layer-output step alone can start worse than tensor MSE.

@@ -73,6 +73,14 @@ class Cluster:
         self._guard(dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def merge(self, part: dict[int, Any]) -> dict[int, Any]:
+        """The union of every rank's ``part`` (keys disjoint across ranks), on every rank."""
+        if not self.enabled:
+            return dict(part)
+        parts: list[Any] = [None] * self.world
+        self._guard(dist.all_gather_object, parts, part)
+        return {k: v for p in parts for k, v in p.items()}
+
     def _guard(self, op: Any, *args: Any, **kwargs: Any) -> None:
         try:
             op(*args, **kwargs)

@@ -17,7 +17,7 @@ layer followed by LayerNorm often wants) and a little less.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -127,18 +127,27 @@ def _linear_rows(site: Node, env: dict[Node, Any], path: list[Node], consumers: 
 
 
 @torch.no_grad()
-def local_mse_scales(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], grid: int) -> list[float]:
-    """The local-step scale of every dimension (not written into the observers).
+def local_mse_scales(
+    prepared: GraphModule,
+    dims: list[ScaleDim],
+    batches: list[Batch],
+    grid: int,
+    indices: Sequence[int] | None = None,
+) -> list[float]:
+    """The local-step scale of every dimension, or of the dimensions at ``indices`` (each
+    is fitted on its own, so ranks can share them out); not written into the observers.
 
     Two-stage grid of ``grid`` points in all: grid/2 multipliers geometric over GRID_RANGE
     (plus 1.0), then grid/2 between the best one's neighbours.
     """
-    plans = [[(n, *_downstream(n)) for n in d.nodes] for d in dims]
+    todo = list(range(len(dims))) if indices is None else list(indices)
+    plans = {i: [(n, *_downstream(n)) for n in dims[i].nodes] for i in todo}
     base = [d.observer.init_scale for d in dims]
     envs = [_record(prepared, batch, dims) for batch in batches]
     coarse = np.unique(np.append(np.geomspace(*GRID_RANGE, max(2, grid // 2)), 1.0))
     scales = []
-    for i, dim in enumerate(dims):
+    for i in todo:
+        dim = dims[i]
         error = _dim_error(prepared, envs, dim, plans[i])
         errs = np.array([error(base[i] * float(m)) for m in coarse])
         b = _argmin_last(errs)
