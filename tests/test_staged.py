@@ -73,6 +73,7 @@ def test_every_stage_equals_the_full_forward_bit_for_bit() -> None:
         search.advance(k)
 
 
+@pytest.mark.slow  # whole searches of a Conformer block
 def test_staged_search_is_seeded_and_never_worse_than_its_start() -> None:
     results = []
     for _ in range(2):
@@ -87,6 +88,7 @@ def test_staged_search_is_seeded_and_never_worse_than_its_start() -> None:
     assert other.final_scales != a.final_scales
 
 
+@pytest.mark.slow  # whole searches of a Conformer block
 def test_flat_search_starts_from_the_staged_result() -> None:
     _, prepared, batches = small_setup()
     staged_only = calibrate(prepared, batches, config=_config())
@@ -108,6 +110,7 @@ def test_generation_batches_are_a_seeded_subset(n: int, k: int, seed: int, gen: 
     assert generation_batches(n, _SearchConfig(seed=seed), (0, gen)) == list(range(n))
 
 
+@pytest.mark.slow  # whole searches of a Conformer block
 def test_subsampled_search_differs_by_generation_and_keeps_the_rule() -> None:
     config = _SearchConfig(subsample=3, seed=0)
     picks = {tuple(generation_batches(12, config, (0, g))) for g in range(1, 9)}
@@ -124,6 +127,7 @@ def test_subsampling_a_positional_objective_is_refused() -> None:
         calibrate(prepared, batches, objective=CrossEntropy(labels), config=_config(subsample=1))
 
 
+@pytest.mark.slow  # whole searches of a Conformer block
 def test_a_flat_checkpoint_is_refused_by_a_staged_run_and_back(tmp_path: Path) -> None:
     ckpt = tmp_path / "flat.ckpt"
     _, prepared, batches = small_setup()
@@ -139,6 +143,7 @@ def test_a_flat_checkpoint_is_refused_by_a_staged_run_and_back(tmp_path: Path) -
         calibrate(prepared, batches, config=_config(stages=1), checkpoint=staged)
 
 
+@pytest.mark.slow  # whole searches of a Conformer block
 def test_an_interrupted_staged_search_resumes_to_the_same_scales(tmp_path: Path, monkeypatch) -> None:
     _, prepared, batches = small_setup()
     whole = calibrate(prepared, batches, config=_config())

@@ -61,7 +61,9 @@ class Cluster:
         """All-reduced (sum over ranks) objective parts."""
         if not self.enabled:
             return numerator, denominator
-        t = torch.tensor([numerator, denominator], dtype=torch.float64)
+        # nccl reduces device tensors only
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([numerator, denominator], dtype=torch.float64, device=device)
         self._guard(dist.all_reduce, t)
         return float(t[0]), float(t[1])
 
@@ -100,6 +102,8 @@ def cluster_from_env(timeout_s: float) -> Cluster:
     if world <= 1:
         return Cluster()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # one GPU per rank: nccl's object collectives use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     cluster = Cluster(dist.get_rank(), dist.get_world_size())
     log.info("esc_ao: rank %d of %d (%s)", cluster.rank, cluster.world, backend)
