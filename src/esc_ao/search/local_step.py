@@ -28,6 +28,7 @@ from esc_ao.annotators import OP_ROLES
 from esc_ao.graph_prep import arg_node
 from esc_ao.observers import fake_quantize, iter_observers, observer_mode
 from esc_ao.pipeline import Batch
+from esc_ao.search.objectives import output_tensors
 from esc_ao.search.space import ScaleDim
 
 __all__ = ["GRID_RANGE", "local_mse_scales"]
@@ -88,8 +89,10 @@ def _layer_error(
     if not consumers:  # the tensor is a model output: its own error
         ref = env[site]
         return float((xq - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-    noise = sum(float((local[c] - env[c]).pow(2).sum()) for c in consumers)
-    signal = sum(float(env[c].pow(2).sum()) for c in consumers)
+    # a consumer may return several tensors (split, chunk): every one counts
+    pairs = [(q, f) for c in consumers for q, f in zip(output_tensors(local[c]), output_tensors(env[c]))]
+    noise = sum(float((q - f).pow(2).sum()) for q, f in pairs if q.is_floating_point())
+    signal = sum(float(f.pow(2).sum()) for _, f in pairs if f.is_floating_point())
     return noise / max(signal, 1e-30)
 
 
