@@ -53,8 +53,15 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         for item in sorted(stage.iterdir()):
-            os.chmod(item, 0o666 & ~umask)
-            os.replace(item, out_dir / item.name)
+            target = out_dir / item.name
+            if item.is_dir():
+                # a folder of outputs (an NPU program's delegates) replaces the previous one whole
+                os.chmod(item, 0o777 & ~umask)
+                if target.is_dir():
+                    shutil.rmtree(target)
+            else:
+                os.chmod(item, 0o666 & ~umask)
+            os.replace(item, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

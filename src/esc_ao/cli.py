@@ -18,7 +18,7 @@ from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.search_cost import DEFAULT_VARIANTS
 from esc_ao.config import BIT_LABELS, METHODS, QuantConfig, SearchConfig
-from esc_ao.job import JobInputs, quantize_job, whisper_default
+from esc_ao.job import JobInputs, NpuTarget, quantize_job, whisper_default
 from esc_ao.pipeline import check_batches, input_shapes
 from esc_ao.recipe import main_job_recipe
 from esc_ao.search.checkpoint import load_checkpoint
@@ -77,9 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--target",
         default="xnnpack",
-        choices=TARGETS,
+        metavar="TARGET",
         help="xnnpack (default): the ops XNNPACK runs as int8 kernels, int8 in and out; "
-        "reference: the paper's full integer model (attention matmuls too)",
+        "reference: the paper's full integer model (attention matmuls too); an Arm Ethos-U NPU by "
+        "Vela's name (ethos-u55-128, ethos-u85-256, ...): Arm's quantizer, TOSA, Vela's estimate",
+    )
+    q.add_argument(
+        "--a16w8",
+        action="store_true",
+        help="Ethos-U targets: int16 activations with int8 weights (default int8 activations)",
     )
     q.add_argument("--no-pte", action="store_true", help="skip the ExecuTorch .pte (write model.pt2 only)")
     r = q.add_argument_group("recipe (esc_ao.recipe)")
@@ -367,6 +373,20 @@ def _check_out(out: Path, flag: str = "--out") -> None:
         ) from None
 
 
+def _npu_target(args: argparse.Namespace) -> NpuTarget | None:
+    """The Ethos-U accelerator ``--target`` names, or None for an EscQuantizer target."""
+    if args.target in TARGETS:
+        if args.a16w8:
+            raise UsageError(f"--a16w8 is for Ethos-U targets; --target {args.target} takes --act-bits")
+        return None
+    if not args.target.startswith("ethos-u"):
+        raise UsageError(f"--target {args.target}: use {', '.join(TARGETS)} or an Ethos-U accelerator (ethos-u85-256)")
+    from esc_ao.lower.ethosu import check_accelerator
+
+    check_accelerator(args.target)  # a ValueError listing Vela's names, an ImportError naming the packages
+    return NpuTarget(args.target, a16w8=args.a16w8)
+
+
 def _quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(
         weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, act_symmetric=not args.affine
@@ -400,7 +420,8 @@ def _quantize(args: argparse.Namespace) -> int:
         inputs, graph = _default_inputs(args), None
     # Under torchrun every rank runs the job (the search is sharded); only rank 0 writes.
     driver = os.environ.get("RANK", "0") == "0"
-    default = main_job_recipe(args.target, args.weight_bits)
+    npu = _npu_target(args)
+    default = main_job_recipe("reference" if npu else args.target, args.weight_bits)
     try:  # Recipe checks the combination (--residual/--attention-probs with --target, the budget's range)
         if args.rotate_block is not None and not args.rotate:
             raise ValueError(f"--rotate-block {args.rotate_block} needs --rotate")
@@ -434,14 +455,16 @@ def _quantize(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint if driver else None,
         write_pte=not args.no_pte,
         recipe=recipe,
+        npu=npu,
     )
     if not driver:
         return 0
     print(
-        f"{report.model} {config.label} {config.method}{recipe.suffix} ({args.target}): "
+        f"{report.model} {config.label} {config.method}{'' if npu else recipe.suffix} ({args.target}): "
         f"output SQNR {report.output_sqnr_db:.2f} dB on {report.heldout_batches} held-out batch(es); "
         f"wrote {args.out}/model.pt2, report.md, report.json"
-        f"{'' if args.no_pte else ', model.pte'} ({report.total_seconds or 0:.0f} s)"
+        f"{'' if args.no_pte else ', ethosu/ (model.pte, .tosa, Vela)' if npu else ', model.pte'} "
+        f"({report.total_seconds or 0:.0f} s)"
     )
     return 0
 

@@ -6,6 +6,7 @@ default (Whisper tiny.en's encoder and the bundled clips).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,16 +18,19 @@ from torch.fx import GraphModule
 
 from esc_ao.atomic import staged_dir, write_json_atomic, write_text_atomic
 from esc_ao.config import QuantConfig, SearchConfig
-from esc_ao.pipeline import Batch, as_batches, convert, export_model, save_program
+from esc_ao.pipeline import Batch, as_batches, convert, export_model, observe, save_program
 from esc_ao.precision import PrecisionPlan
-from esc_ao.recipe import Recipe
+from esc_ao.recipe import Prepared, Recipe
 from esc_ao.render import plot_convergence, render_markdown
 from esc_ao.report import ObserverStats, layer_sqnr, observer_stats, output_sqnr, weight_bytes
 from esc_ao.search.calibrate import CalibrationResult, calibrate
 from esc_ao.search.objectives import Objective
 from esc_ao.transforms.records import TransformRecord
 
-__all__ = ["JobInputs", "JobReport", "LayerRow", "quantize_job", "whisper_default"]
+__all__ = ["JobInputs", "JobReport", "LayerRow", "NpuTarget", "quantize_job", "whisper_default"]
+
+# Accelerator sizes the NPU report re-estimates a saved TOSA program for (Vela, milliseconds each).
+NPU_SWEEP = ("ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u85-128", "ethos-u85-256", "ethos-u85-512")
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,17 @@ class JobInputs:
     notes: dict[str, Any] = field(default_factory=dict)
     # The task metric of a model (float or quantized) on the held-out data, for the report.
     task_metric: Callable[[torch.nn.Module], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class NpuTarget:
+    """An Arm Ethos-U accelerator (Vela's name, e.g. "ethos-u85-256"): the graph is prepared
+    by Arm's own quantizer (int8 activations, or int16 with ``a16w8``) instead of
+    EscQuantizer, and lowered by ExecuTorch's Arm backend (esc_ao.lower.ethosu)."""
+
+    accelerator: str
+    a16w8: bool = False
+    sweep: tuple[str, ...] = NPU_SWEEP
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,11 @@ class JobReport:
     esc: CalibrationResult | None
     # Set when model.pte was written: esc_ao.lower's LoweringResult.as_dict(), path, summary.
     executorch: dict[str, Any] | None = None
+    # Set for an Ethos-U target once lowered: EthosUResult.as_dict(), summary, the Vela sweep.
+    ethosu: dict[str, Any] | None = None
     # Set when the job returns (writing the outputs included).
     total_seconds: float | None = None
+    npu: NpuTarget | None = None
 
     def to_dict(self) -> dict[str, Any]:
         cfg = self.config
@@ -95,8 +113,12 @@ class JobReport:
                 "act_symmetric": cfg.act_symmetric,
                 "label": cfg.label,
             },
-            "target": self.recipe.target,
-            "recipe": {"suffix": self.recipe.suffix, "description": self.recipe.describe(), **asdict(self.recipe)},
+            "target": self.npu.accelerator if self.npu else self.recipe.target,
+            "recipe": (
+                {"suffix": "", "description": f"Arm's EthosUQuantizer ({'a16w8' if self.npu.a16w8 else 'int8'})"}
+                if self.npu
+                else {"suffix": self.recipe.suffix, "description": self.recipe.describe(), **asdict(self.recipe)}
+            ),
             "transforms": [asdict(r) for r in self.transforms],
             "precision_plan": (
                 {"summary": self.precision_plan.summary(), **self.precision_plan.to_dict()}
@@ -117,6 +139,8 @@ class JobReport:
         }
         if self.executorch is not None:
             out["executorch"] = self.executorch
+        if self.ethosu is not None:
+            out["ethosu"] = self.ethosu
         if self.total_seconds is not None:
             out["total_seconds"] = self.total_seconds
         return out
@@ -178,6 +202,7 @@ def quantize_job(
     checkpoint: Path | None = None,
     write_pte: bool = False,
     recipe: Recipe = Recipe(),
+    npu: NpuTarget | None = None,
 ) -> JobReport:
     """Export, prepare, calibrate, convert and report; writes ``model.pt2``, ``report.json``
     and ``report.md`` into ``out_dir`` (nothing is written when it is None), and with
@@ -198,13 +223,17 @@ def quantize_job(
     calibration = as_batches(inputs.calibration)
     heldout = as_batches(inputs.heldout or inputs.calibration[-1:])
     log.info("%s: %s", inputs.name, "using the given program" if graph is not None else "exporting (torch.export)")
-    gm = graph if graph is not None else export_model(inputs.model, calibration[0])
-    log.info(
-        "transforms, prepare and observe: %d calibration batch(es)%s",
-        len(calibration),
-        f", recipe {recipe.suffix}" if recipe.suffix else "",
-    )
-    ready = recipe.prepare(gm, calibration, config, keep_float)
+    if npu is not None:  # Arm's quantizer exports the model itself
+        log.info("Arm's quantizer for %s, observe: %d calibration batch(es)", npu.accelerator, len(calibration))
+        ready = _prepare_npu(graph if graph is not None else inputs.model, calibration, config, keep_float, npu)
+    else:
+        gm = graph if graph is not None else export_model(inputs.model, calibration[0])
+        log.info(
+            "transforms, prepare and observe: %d calibration batch(es)%s",
+            len(calibration),
+            f", recipe {recipe.suffix}" if recipe.suffix else "",
+        )
+        ready = recipe.prepare(gm, calibration, config, keep_float)
     prepared, quantizer, transforms = ready.model, ready.quantizer, ready.transforms
     esc: CalibrationResult | None = None
     if config.method == "esc":
@@ -212,8 +241,8 @@ def quantize_job(
         esc = calibrate(prepared, calibration, objective, search or SearchConfig(), checkpoint)
     t_calib = time.perf_counter() - t0
     log.info("measuring per-layer and output SQNR on %d held-out batch(es)", len(heldout))
-    quantized_nodes = [r.node for r in quantizer.records() if r.quantized]
-    per_layer = layer_sqnr(prepared, heldout[:1], quantized_nodes)
+    records = quantizer.records() if quantizer is not None else []
+    per_layer = layer_sqnr(prepared, heldout[:1], [r.node for r in records if r.quantized])
     # Read the observers before convert_pt2e replaces them with quantize/dequantize ops.
     activations, size = observer_stats(prepared), weight_bytes(prepared)
     converted = convert(prepared)
@@ -233,18 +262,19 @@ def quantize_job(
             else None
         ),
         calibration_seconds=round(t_calib, 2),
-        layers=[
-            LayerRow(r.node, r.op, r.module, r.quantized, r.reason, per_layer.get(r.node)) for r in quantizer.records()
-        ],
+        layers=[LayerRow(r.node, r.op, r.module, r.quantized, r.reason, per_layer.get(r.node)) for r in records],
         activations=list(activations),
         size=size,
         notes=inputs.notes,
         esc=esc,
+        npu=npu,
     )
     if out_dir is not None:
         with staged_dir(Path(out_dir)) as stage:  # every output, or (on a failure) none
             report.size["program_file_bytes"] = save_program(converted, calibration[0], stage / "model.pt2")
-            if write_pte:
+            if write_pte and npu is not None:
+                report.ethosu = _lower_npu(converted, heldout[0], stage, Path(out_dir), npu, inputs.model, graph)
+            elif write_pte:
                 from esc_ao.lower import to_executorch
 
                 log.info("lowering to ExecuTorch XNNPACK (model.pte) and checking it")
@@ -266,3 +296,46 @@ def quantize_job(
             write_text_atomic(stage / "report.md", render_markdown(report.to_dict()))
     report.total_seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _prepare_npu(
+    model: torch.nn.Module, calibration: list[Batch], config: QuantConfig, keep_float: Sequence[str], npu: NpuTarget
+) -> Prepared:
+    from esc_ao.lower.ethosu import prepare_ethosu
+
+    if config.weight_bits != 8 or config.act_bits != 8:
+        raise ValueError(
+            f"{config.label} on {npu.accelerator}: Arm's quantizer makes int8 weights with int8 activations "
+            "(or int16 ones with a16w8); use --weight-bits 8 --act-bits 8"
+        )
+    if keep_float:
+        raise ValueError(f"keep_float on {npu.accelerator}: an NPU has no float; drop --keep-float")
+    prepared = prepare_ethosu(model, calibration[0], npu.accelerator, npu.a16w8)
+    observe(prepared, calibration)
+    return Prepared(prepared, None, [], None)
+
+
+def _lower_npu(
+    converted: GraphModule,
+    example: Batch,
+    stage: Path,
+    out_dir: Path,
+    npu: NpuTarget,
+    model: torch.nn.Module,
+    graph: GraphModule | None,
+) -> dict[str, Any]:
+    """Lowers into ``stage/ethosu`` and re-estimates every delegate on the sweep's sizes;
+    paths in the result name where the files end up (``out_dir``)."""
+    from esc_ao.lower.ethosu import lower_ethosu, vela_sweep
+
+    log.info("lowering to Ethos-U (%s): TOSA, Vela, the TOSA reference model", npu.accelerator)
+    result = lower_ethosu(
+        converted, example, stage / "ethosu", npu.accelerator, reference=model if graph is None else None
+    )
+    sweep = [
+        {"delegate": d.index, **row}
+        for d in result.delegates
+        for row in vela_sweep(Path(d.tosa), npu.sweep, stage / "ethosu" / "sweep" / f"delegate{d.index}")
+    ]
+    text = json.dumps({**result.as_dict(), "summary": result.summary(), "a16w8": npu.a16w8, "sweep": sweep})
+    return dict(json.loads(text.replace(str(stage), str(out_dir))))

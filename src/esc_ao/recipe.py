@@ -258,11 +258,12 @@ def main_job_recipe(target: Target = "xnnpack", weight_bits: int = 8) -> Recipe:
 
 @dataclass
 class Prepared:
-    """An observed prepared model, its quantizer, what the transforms did, and the
-    precision plan (None without a budget)."""
+    """An observed prepared model, its quantizer (None when another quantizer, such as
+    Arm's, prepared it), what the transforms did, and the precision plan (None without a
+    budget)."""
 
     model: GraphModule
-    quantizer: EscQuantizer
+    quantizer: EscQuantizer | None
     transforms: list[TransformRecord]
     plan: PrecisionPlan | None
 

@@ -60,6 +60,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 else ""
             )
         )
+    if report.get("ethosu"):
+        lines += _ethosu_lines(report["ethosu"])
     esc = report.get("esc")
     if esc:
         lines += [
@@ -117,6 +119,62 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{a['clip_ratio']:.3f} | {a['scale']:.4g} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ethosu_lines(npu: dict[str, Any]) -> list[str]:
+    """The NPU program: delegates with Vela's figures, what stays on the CPU and why, the
+    TOSA reference model's check, and the same program on other accelerator sizes."""
+    lines = [
+        f"- Ethos-U program model.pte ({npu['target']}{', a16w8' if npu.get('a16w8') else ''}): "
+        f"{npu['size_bytes'] / 1e3:.1f} kB; {npu['summary']}",
+        "",
+        "## Ethos-U delegates (Vela's estimate)",
+        "",
+        "| delegate | NPU ops | CPU ops | cycles | ms | SRAM KiB | flash KiB | DRAM KiB |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {d['index']} | {d['npu_ops']} | {d['cpu_ops']} | {d['cycles_total']} | {d['inference_ms']:.3f} | "
+            f"{d['sram_kib']:.1f} | {d['flash_kib']:.1f} | {d['dram_kib']:.1f} |"
+            for d in npu["delegates"]
+        ),
+        "",
+        "Outside the delegates: "
+        + (", ".join(f"{op} x{n}" for op, n in npu["cpu_ops"].items()) or "nothing")
+        + " (the input's quantize and the output's dequantize run on the host by design).",
+    ]
+    if npu["rejected"]:
+        lines += ["", "| op kept off the NPU | op | reason |", "|---|---|---|"]
+        lines += [f"| {r['node']} | {r['op']} | {r['reason']} |" for r in npu["rejected"]]
+    check = npu.get("check")
+    if check:
+        h = check["lsb_histogram"]
+        lines += [
+            "",
+            f"TOSA reference model vs the converted graph: {h['0']} outputs equal, {h['1']} 1 LSB apart, "
+            f"{h['2']} 2 LSB, {h['>2']} more (max {check['max_lsb']}); SQNR vs the graph "
+            f"{check['tosa_vs_graph_db']:.1f} dB"
+            + (f", vs float {check['tosa_vs_float_db']:.1f} dB" if check.get("tosa_vs_float_db") is not None else "")
+            + f"; one run {check['milliseconds']:.0f} ms.",
+        ]
+    else:
+        lines += ["", f"TOSA reference model: not run ({npu.get('check_skipped', '')})."]
+    if npu.get("sweep"):
+        lines += [
+            "",
+            "Other accelerator sizes (Vela on the saved .tosa):",
+            "",
+            "| delegate | accelerator | cycles | ms | SRAM KiB | note |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in npu["sweep"]:
+            if "error" in r:
+                lines.append(f"| {r['delegate']} | {r['target']} | - | - | - | {r['error']} |")
+            else:
+                lines.append(
+                    f"| {r['delegate']} | {r['target']} | {r['cycles_total']} | {r['inference_ms']:.3f} | "
+                    f"{r['sram_kib']:.1f} | |"
+                )
+    return lines
 
 
 def plot_convergence(history: list[dict[str, float]], start_objective: float, path: Path) -> None:

@@ -136,9 +136,19 @@ def weight_bytes(prepared: GraphModule) -> dict[str, int]:
             continue
         obs = prepared.get_submodule(node.target)
         src = node.args[0]
-        if isinstance(obs, PerChannelWeightObserver) and isinstance(src, Node) and src.op == "get_attr":
+        if not (isinstance(src, Node) and src.op == "get_attr"):
+            continue
+        if isinstance(obs, PerChannelWeightObserver):
             numel = resolve_attr(prepared, str(src.target)).numel()
             n_weights += numel
             n_bits += numel * (4 if obs.quant_max <= 7 else 8)
             n_channels += obs.absmax.numel()
+        elif getattr(obs, "qscheme", None) in (torch.per_channel_symmetric, torch.per_channel_affine):
+            # another quantizer's per-channel observer (wrapped by the search or not): int4,
+            # int8, or an int32 bias
+            weight = resolve_attr(prepared, str(src.target))
+            n_weights += weight.numel()
+            qmax = int(getattr(obs, "quant_max"))
+            n_bits += weight.numel() * (4 if qmax <= 7 else 8 if qmax <= 127 else 32)
+            n_channels += weight.shape[getattr(obs, "ch_axis", 0)] if weight.dim() else 1
     return {"float32_bytes": 4 * n_weights, "quantized_bytes": (n_bits + 7) // 8 + 4 * n_channels}

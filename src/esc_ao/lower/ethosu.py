@@ -126,10 +126,10 @@ def prepare_ethosu(model: torch.nn.Module, example: tuple[Any, ...], target: str
         if a16w8
         else get_symmetric_quantization_config(is_per_channel=True)
     )
-    if isinstance(model, GraphModule) and not hasattr(model, "_guards_fn"):
-        gm = model
-    else:
-        gm = torch.export.export(model.eval(), example).module(check_guards=False)
+    # Arm's passes cannot run a guard node (call_module _guards_fn): export without one. A
+    # module from a saved program is re-exported as it is (eval() is refused on those).
+    module = model if isinstance(model, GraphModule) else model.eval()
+    gm = torch.export.export(module, example).module(check_guards=False)
     return prepare_pt2e(gm, quantizer)  # type: ignore[arg-type]
 
 
@@ -362,6 +362,10 @@ def lower_ethosu(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = compile_spec(target)
     program = torch.export.export(converted, example)
+    # At INFO the backend passes --verbose-all to Vela, which prints every NPU command.
+    backend_log = logging.getLogger("executorch.backends.arm.ethosu.backend")
+    level = backend_log.level
+    backend_log.setLevel(logging.WARNING)
     try:
         with _rejections() as rejected, _vela_per_delegate(out_dir / "vela") as figures:
             edge = to_edge_transform_and_lower(
@@ -371,6 +375,8 @@ def lower_ethosu(
             )
     except SystemExit as exc:  # Vela's argument parser exits on what it cannot read
         raise LoweringError(f"Vela refused the program for {target} (exit {exc.code})") from None
+    finally:
+        backend_log.setLevel(level)
     info = get_delegation_info(edge.exported_program().graph_module)
     cpu_ops = {op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated}
     delegated = sum(b.delegated for b in info.delegation_by_operator.values())

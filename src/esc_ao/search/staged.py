@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import cma
@@ -47,12 +47,25 @@ class Stage:
 
     ``inputs``: nodes before the stage whose values the stage or later stages read (its
     cache); ``boundary``: the one activation crossing the stage's end (None for the last
-    stage, which ends at the graph's output)."""
+    stage, which ends at the graph's output); ``rerun``: observer calls before the stage on
+    tensors that do not depend on the input (constants of a decomposed LayerNorm, say)
+    whose only readers are in this stage: their scales are searched here, so they are
+    computed again from the cache before the stage's own nodes."""
 
     nodes: list[Node]
     dims: list[int]
     inputs: list[Node]
     boundary: Node | None
+    rerun: list[Node] = field(default_factory=list)
+
+
+def _input_dependent(gm: GraphModule) -> set[Node]:
+    """Nodes whose value depends on the model's inputs."""
+    dep: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
 
 
 def _noisy_nodes(gm: GraphModule, dims: list[ScaleDim]) -> set[Node]:
@@ -66,14 +79,18 @@ def _noisy_nodes(gm: GraphModule, dims: list[ScaleDim]) -> set[Node]:
     return noisy
 
 
-def _cuts(gm: GraphModule, dims: list[ScaleDim]) -> list[tuple[int, Node]]:
-    """(position, crossing node) of every point in graph order that exactly one tensor a
-    scale can change crosses, and no observer's calls straddle (a shared observer's scale
-    must belong to one stage). A point just before the crossing tensor's own observer is
-    left out: that stage's objective would be the tensor's own rounding error."""
+def _cuts(
+    gm: GraphModule, dims: list[ScaleDim], dependent: set[Node], straddle: bool = False
+) -> list[tuple[int, Node]]:
+    """(position, crossing node) of every point in graph order that exactly one
+    input-dependent tensor a scale can change crosses and, unless ``straddle``, no
+    observer's calls straddle (an observer shared by tensors on both sides belongs to the
+    stage of its first call, whose objective then misses its later calls). A point just
+    before the crossing tensor's own observer is left out: that stage's objective would be
+    the tensor's own rounding error."""
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    noisy = _noisy_nodes(gm, dims)
+    noisy = _noisy_nodes(gm, dims) & dependent
     observer_calls = {n for d in dims for n in d.nodes}
     last_use = {n: max((pos[u] for u in n.users), default=pos[n]) for n in nodes}
     spans = [(pos[d.nodes[0]], pos[d.nodes[-1]]) for d in dims]
@@ -89,7 +106,7 @@ def _cuts(gm: GraphModule, dims: list[ScaleDim]) -> list[tuple[int, Node]]:
         crossing = next(iter(live))
         if nodes[p] in observer_calls and nodes[p].args[0] is crossing:
             continue
-        if any(lo < p <= hi for lo, hi in spans):
+        if not straddle and any(lo < p <= hi for lo, hi in spans):
             continue
         cuts.append((p, crossing))
     return cuts
@@ -102,9 +119,19 @@ def plan_stages(gm: GraphModule, dims: list[ScaleDim], n_stages: int) -> list[St
         raise ValueError(f"n_stages={n_stages} must be >= 1")
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    first = [pos[d.nodes[0]] for d in dims]
+    dependent = _input_dependent(gm)
+    flowing = [i for i, d in enumerate(dims) if any(n in dependent for n in d.nodes)]
+    constant = [i for i in range(len(dims)) if i not in set(flowing)]
+    # where a dimension acts: its first call, or for a constant's observer its first reader
+    acts_at = {i: pos[dims[i].nodes[0]] for i in flowing}
+    acts_at.update({i: min(pos[u] for n in dims[i].nodes for u in n.users) for i in constant})
+    first = sorted(acts_at.values())
     chosen: list[tuple[int, Node]] = []
-    cuts = _cuts(gm, dims)
+    cuts = _cuts(gm, [dims[i] for i in flowing], dependent)
+    if len(cuts) < n_stages - 1:
+        # Graphs whose quantizer shares observers across the residual stream (Arm's) have
+        # few clean cuts: take the others too.
+        cuts = _cuts(gm, [dims[i] for i in flowing], dependent, straddle=True)
     done = 0  # dimensions before the last chosen cut
     for j in range(1, n_stages):
         # the cut that leaves the number of dimensions before it closest to j / n_stages
@@ -117,18 +144,24 @@ def plan_stages(gm: GraphModule, dims: list[ScaleDim], n_stages: int) -> list[St
         chosen.append(cut)
         done = count
     bounds = [0, *[p for p, _ in chosen], len(nodes)]
+
+    def stage_of(position: int) -> int:
+        return max(k for k in range(len(bounds) - 1) if bounds[k] <= position)
+
     stages: list[Stage] = []
     for k in range(len(bounds) - 1):
         lo, hi = bounds[k], bounds[k + 1]
-        body = nodes[lo:hi]
-        later = nodes[lo:]
-        inputs = sorted(
-            {a for n in later for a in n.all_input_nodes if pos[a] < lo},
-            key=pos.__getitem__,
-        )
-        stage_dims = [i for i, d in enumerate(dims) if lo <= pos[d.nodes[0]] < hi]
+        stage_dims = [i for i in flowing if lo <= acts_at[i] < hi]
+        rerun: list[Node] = []
+        for i in constant:
+            readers = {stage_of(pos[u]) for n in dims[i].nodes for u in n.users}
+            if readers == {k}:  # read by other stages too: left to the flat search
+                stage_dims.append(i)
+                rerun += [n for n in dims[i].nodes if pos[n] < lo]
+        later = [*rerun, *nodes[lo:]]
+        inputs = sorted({a for n in later for a in n.all_input_nodes if pos[a] < lo}, key=pos.__getitem__)
         boundary = chosen[k][1] if k < len(chosen) else None
-        stages.append(Stage(body, stage_dims, inputs, boundary))
+        stages.append(Stage(nodes[lo:hi], sorted(stage_dims), inputs, boundary, sorted(rerun, key=pos.__getitem__)))
     return stages
 
 
@@ -151,6 +184,8 @@ class _StageRunner:
         interp = Interpreter(self.gm, garbage_collect_values=False)
         interp.env = dict(cache)
         interp.args_iter = iter(self.gm.graph.process_inputs(*batch))
+        for n in self.stage.rerun:
+            interp.env[n] = interp.run_node(n)
         for n in self.stage.nodes:
             interp.env[n] = interp.run_node(n)
             for dead in self.free_after.get(n, ()):
