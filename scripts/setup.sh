@@ -10,7 +10,7 @@ command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.esc-ao-lock.sha256
 # Only what pip installs decides a rebuild: the pins, and pyproject's build system and
 # [project] table (esc-ao itself is installed editable; tool settings do not count).
-want=$({ cat requirements.lock.txt; "$PY" -c 'import json, tomllib
+want=$({ cat requirements.lock.txt requirements-npu.txt; "$PY" -c 'import json, tomllib
 d = tomllib.load(open("pyproject.toml", "rb"))
 print(json.dumps([d.get("build-system"), d["project"]], sort_keys=True))'; } | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
@@ -19,7 +19,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock.txt -e ".[dev]" 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch, torchaudio, torchao, executorch, cma, whisper" \
+  # The Ethos-U tools pin older numpy/ml-dtypes than the stack has: without their pins.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-npu.txt 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch, torchaudio, torchao, executorch, cma, whisper, tosa_reference_model, ethosu.vela" \
     || { echo "setup: the installed stack does not import" >&2; exit 1; }
   echo "$want" > "$stamp"
 else

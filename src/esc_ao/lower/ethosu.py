@@ -6,7 +6,8 @@ backend (TOSA, then Vela), checked on the TOSA reference model.
     esc_ao.calibrate(prepared, calibration)                      # ESC searches them (optional)
     result = lower_ethosu(convert(prepared), example, out_dir, "ethos-u85-256", reference=model)
 
-Needs ``tosa-tools``, ``ethos-u-vela`` and ``ml-dtypes`` (``pip install 'esc-ao[npu]'``);
+Needs ``tosa-tools``, ``ethos-u-vela`` and ``ml-dtypes`` (``requirements-npu.txt``, installed
+with ``--no-deps``: tosa-tools pins an older numpy than torch's stack has, and runs with it);
 ExecuTorch's wheel holds the Arm backend but its runtime has no Ethos-U delegate, so the
 ``.pte`` is written and measured (Vela) but runs only on the device or its simulator. What
 runs here is the TOSA reference model: the integer program Vela compiles, op for op.
@@ -51,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARM_PACKAGES = "tosa-tools==2026.8.0 ethos-u-vela==5.2.0 ml-dtypes==0.6.0"
+ARM_PACKAGES = "--no-deps tosa-tools==2026.8.0 ethos-u-vela==5.2.0 ml-dtypes==0.6.0"
 # The TOSA program must agree with the PT2E graph it came from: at most this many LSB on
 # all but a 1e-3 fraction of the output's elements (int8 LSB; int16 outputs are compared
 # on the int8 grid the same range would have, 256 of their LSB).
@@ -73,7 +74,7 @@ def _require() -> None:
     if missing:
         raise ImportError(
             f"the Ethos-U target needs {', '.join(missing)}: pip install {ARM_PACKAGES} "
-            "(or pip install 'esc-ao[npu]')"
+            "(the pins of requirements-npu.txt; --no-deps keeps torch's numpy)"
         )
 
 
