@@ -231,3 +231,14 @@ def test_variable_length_batches_are_searched() -> None:
 def test_bad_search_config(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         SearchConfig(**kwargs)
+
+
+def test_a_search_leaves_the_observers_statistics_as_they_were() -> None:
+    """The local step replays candidates through observers (views of a watched tensor):
+    they must not record them, or a second search on the same model starts elsewhere."""
+    _, prepared, batches = small_setup(bits=8)
+    config = SearchConfig(budget=0, progress=False, local_grid=8)
+    first = calibrate(prepared, batches, config=config)
+    second = calibrate(prepared, batches, config=config)
+    assert second.observer_scales == first.observer_scales
+    assert second.initial_objective == first.initial_objective and second.final_scales == first.final_scales

@@ -16,8 +16,9 @@ layer followed by LayerNorm often wants) and a little less.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,13 +97,22 @@ def _layer_error(
     return noise / max(signal, 1e-30)
 
 
-@torch.no_grad()
-def _record(prepared: GraphModule, batch: Batch, dims: list[ScaleDim]) -> dict[Node, Any]:
+@contextlib.contextmanager
+def _replay_mode(prepared: GraphModule, dims: list[ScaleDim]) -> Iterator[None]:
+    """Weights quantized, activations float, and no observer recording: the replays pass
+    through observers (views of a watched tensor) and must not add the candidates to
+    their statistics (they did: a second search then started from other scales)."""
     activation = {id(d.observer) for d in dims}
     with observer_mode(prepared, observing=False, fake_quant=False):
         for _, obs in iter_observers(prepared):
             if id(obs) not in activation:
-                obs.fake_quant = True  # weights quantized, activations float
+                obs.fake_quant = True
+        yield
+
+
+@torch.no_grad()
+def _record(prepared: GraphModule, batch: Batch, dims: list[ScaleDim]) -> dict[Node, Any]:
+    with _replay_mode(prepared, dims):
         interp = Interpreter(prepared, garbage_collect_values=False)
         interp.run(*batch)
     return interp.env
@@ -143,7 +153,11 @@ def local_mse_scales(
     Two-stage grid of ``grid`` points in all: grid/2 multipliers geometric over GRID_RANGE
     (plus 1.0), then grid/2 between the best one's neighbours.
     """
-    todo = list(range(len(dims))) if indices is None else list(indices)
+    with _replay_mode(prepared, dims):
+        return _fit(prepared, dims, batches, grid, list(range(len(dims))) if indices is None else list(indices))
+
+
+def _fit(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], grid: int, todo: list[int]) -> list[float]:
     plans = {i: [(n, *_downstream(n)) for n in dims[i].nodes] for i in todo}
     base = [d.observer.init_scale for d in dims]
     envs = [_record(prepared, batch, dims) for batch in batches]
