@@ -261,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--seed", type=int, default=0)
     ba.add_argument("--budget", type=int, default=30, help="ESC's CMA-ES generations")
     ba.add_argument("--popsize", type=int, default=8)
+    ba.add_argument("--stages", type=int, default=1, help="ESC's staged search first (default 1: flat only)")
+    ba.add_argument("--stage-budget", type=int, default=8, help="CMA-ES generations per stage")
     ba.add_argument("--out", type=Path, default=Path("docs/results"))
     ba.add_argument(
         "--cells",
@@ -530,7 +532,12 @@ def _accuracy_bench(args: argparse.Namespace) -> int:
     from esc_ao.bench.accuracy_table import stale_cells
 
     settings = AccuracySettings(
-        n_calibration=args.calib_samples, seed=args.seed, budget=args.budget, popsize=args.popsize
+        n_calibration=args.calib_samples,
+        seed=args.seed,
+        budget=args.budget,
+        popsize=args.popsize,
+        stages=args.stages,
+        stage_budget=args.stage_budget,
     )
     if args.prune:
         stale = stale_cells(args.cells)

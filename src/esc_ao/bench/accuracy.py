@@ -198,7 +198,13 @@ def _quant_cell(
     base, recipe = split_method(method)
     config = QuantConfig.from_label(bits, method=base)
     search = SearchConfig(
-        budget=settings.budget, popsize=settings.popsize, sigma0=settings.sigma0, seed=settings.seed, progress=False
+        budget=settings.budget,
+        popsize=settings.popsize,
+        sigma0=settings.sigma0,
+        seed=settings.seed,
+        progress=False,
+        stages=settings.stages,
+        stage_budget=settings.stage_budget,
     )
     q = quantize_task(task, config, search, exported, recipe)
     t1 = time.perf_counter()
@@ -226,6 +232,8 @@ def _quant_cell(
     if q.esc:
         row["esc"] = q.esc
         row["esc_search"] = {"budget": settings.budget, "popsize": settings.popsize, "sigma0": settings.sigma0}
+        if settings.stages > 1:
+            row["esc_search"].update(stages=settings.stages, stage_budget=settings.stage_budget)
     return row
 
 

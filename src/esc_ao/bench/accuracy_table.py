@@ -6,6 +6,7 @@ evaluation set). Kept apart from the cell computation: the layout is not part of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict
@@ -81,24 +82,46 @@ def _collect(
         found = []
         for path in (cells / model / eval_set).glob("*.json"):
             method, bits = path.stem.split("-")[:2]
-            if path == cellkeys.cell_path(cells, model, eval_set, method, bits, settings, _version(current, method)):
-                found.append((method, bits, path))
-        for _, _, path in sorted(found, key=lambda f: _order(f[0], f[1])):
-            rows.append(json.loads(path.read_text()))
+            cell = json.loads(path.read_text())
+            # ESC cells of every search setting are shown, each labelled with its search
+            own = _with_search(settings, cell.get("esc_search"))
+            if path == cellkeys.cell_path(cells, model, eval_set, method, bits, own, _version(current, method)):
+                found.append((method, bits, {**cell, "label": method + _search_label(cell.get("esc_search"))}))
+        for _, _, cell in sorted(found, key=lambda f: (_order(f[0], f[1]), f[2]["label"])):
+            rows.append(cell)
     return rows
+
+
+def _with_search(settings: AccuracySettings, search: dict[str, Any] | None) -> AccuracySettings:
+    if not search:
+        return settings
+    return dataclasses.replace(settings, **{k: v for k, v in search.items() if hasattr(settings, k)})
+
+
+def _search_label(search: dict[str, Any] | None) -> str:
+    """How an ESC cell searched: the local step only, N flat generations, or stages."""
+    if not search:
+        return ""
+    parts = []
+    if search.get("stages", 1) > 1:
+        parts.append(f"{search['stages']} stages x {search['stage_budget']} gen")
+    if search["budget"] or not parts:
+        parts.append(f"{search['budget']} gen" if search["budget"] else "local step")
+    return " (" + ", ".join(parts) + ")"
 
 
 def _order(method: str, bits: str) -> tuple[int, int, str]:
     """Table position: float first, then by bits, then TABLE_METHODS' order, then by name."""
     if method == "float":
         return (-1, -1, "")
-    listed = TABLE_METHODS.index(method) if method in TABLE_METHODS else len(TABLE_METHODS)
+    base = method.split(" (")[0]  # a label names the search after the method
+    listed = TABLE_METHODS.index(base) if base in TABLE_METHODS else len(TABLE_METHODS)
     return (BITS.index(bits) if bits in BITS else len(BITS), listed, method)
 
 
 def _methods(rows: list[dict[str, Any]]) -> list[str]:
     """The methods of these rows other than float, in table order."""
-    present = {r["method"] for r in rows} - {"float"}
+    present = {r["label"] for r in rows} - {"float"}
     return sorted(present, key=lambda m: _order(m, BITS[0])[1:])
 
 
@@ -127,7 +150,7 @@ def _model_table(model: str, mrows: list[dict[str, Any]]) -> list[str]:
         "| bits | method | " + " | ".join(f"{_SET_TITLES[e]} {metric} %" for e in sets) + " | size MB |",
         "|---|---|" + "---|" * len(sets) + "---|",
     ]
-    by = {(r["eval_set"], r["method"], r["bits"]): r for r in mrows}
+    by = {(r["eval_set"], r["label"], r["bits"]): r for r in mrows}
     for method, bits in [("float", "fp32")] + [(m, b) for b in BITS for m in _methods(mrows)]:
         cols = [by.get((e, method, bits)) for e in sets]
         if not any(cols):
@@ -159,13 +182,14 @@ def _write_outputs(
         "# Accuracy benchmark: calibration methods x bit widths",
         "",
         f"Command: `bash scripts/bench_accuracy.sh --calib-samples {settings.n_calibration} --seed {settings.seed} "
-        f"--budget {settings.budget} --popsize {settings.popsize}` (cells cached per model, evaluation set, "
-        f"method, bits, seed and key). Machines: {'; '.join(machines)}.",
+        "--methods METHOD --bits BITS [--budget G --popsize 8 --stages S --stage-budget G]` (cells cached per "
+        f"model, evaluation set, method, bits, seed, ESC's search and key). Machines: {'; '.join(machines)}.",
         "",
         f"Numerics versions: {', '.join(f'{k} {v}' for k, v in NUMERICS.items())}. "
         f"{settings.n_calibration} calibration utterances (seed {settings.seed}); "
-        f"ESC: local MSE step + CMA-ES, {settings.budget} generations x population {settings.popsize}, "
-        f"sigma0 {settings.sigma0}, final = mean of the last distribution. Values in %, with 95 % intervals "
+        "ESC: local MSE step, then CMA-ES (population 8, sigma0 0.1, final = mean of the last distribution); "
+        "each ESC row names its search: the local step only, N flat generations, or S stages x G generations "
+        "of the staged search (esc_ao.search.staged) before them. Values in %, with 95 % intervals "
         "(WER: utterance bootstrap; accuracy: Wilson). Calibration methods: full integer quantization "
         "(EscQuantizer, reference target). "
         "Recipe suffixes (esc_ao.recipe): +xnn, the XNNPACK target (linear, conv, add and mul as int8 "

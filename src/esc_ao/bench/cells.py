@@ -94,6 +94,9 @@ class AccuracySettings:
     budget: int = 30
     popsize: int | None = 8
     sigma0: float = 0.1
+    # ESC's staged search before the flat one (esc_ao.search.staged); 1: flat only
+    stages: int = 1
+    stage_budget: int = 8
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,11 @@ def cell_path(
 ) -> Path:
     """One cell's file: keyed by model, evaluation set, method, bits, calibration count,
     seed, ESC's search settings (ESC cells only) and version digest."""
-    search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}" if key_kind(method).startswith("esc") else ""
+    search = ""
+    if key_kind(method).startswith("esc"):
+        search = f"-b{settings.budget}p{settings.popsize}g{settings.sigma0:g}"
+        if settings.stages > 1:  # flat searches keep the names they had before staged ones existed
+            search += f"-st{settings.stages}x{settings.stage_budget}"
     return (
         cells / model / eval_set / f"{method}-{bits}-n{settings.n_calibration}-s{settings.seed}{search}-{version}.json"
     )
