@@ -174,7 +174,7 @@ def test_search_bench_variants_parse_into_search_configs() -> None:
     name, config = parse_variant("staged:stages=8,stage_budget=4,subsample=2,budget=0", base)
     assert name == "staged" and (config.stages, config.stage_budget, config.subsample, config.budget) == (8, 4, 2, 0)
     assert config.popsize == 8 and parse_variant("flat:sigma0=0.2", base)[1].sigma0 == 0.2
-    assert [parse_variant(v, base)[0] for v in DEFAULT_VARIANTS] == ["local", "flat", "staged", "staged-sub2"]
+    assert [parse_variant(v, base)[0] for v in DEFAULT_VARIANTS] == ["local", "flat", "staged", "default"]
     with pytest.raises(ValueError, match=r"'stage=8' is not FIELD=VALUE with a SearchConfig field"):
         parse_variant("x:stage=8", base)
     with pytest.raises(ValueError, match=r"stages=0 must be >= 1"):

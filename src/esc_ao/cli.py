@@ -28,13 +28,13 @@ __all__ = ["main"]
 
 DEFAULT_OUT = Path("esc_ao_out")
 # The main job's default search: the staged search, sized to finish the whole job within
-# 5 minutes on 2 cores (docs/esc.md, "Cost"): 8 stages x 4 generations x 8 candidates on 2
+# 5 minutes on 2 cores (docs/esc.md): 8 stages x 4 generations x 8 candidates on 3
 # of the 12 bundled clips per generation, no flat search after it.
 DEFAULT_BUDGET = 0
 DEFAULT_POPSIZE = 8
 DEFAULT_STAGES = 8
 DEFAULT_STAGE_BUDGET = 4
-DEFAULT_SUBSAMPLE = 2
+DEFAULT_SUBSAMPLE = 3
 
 
 class UsageError(ValueError):

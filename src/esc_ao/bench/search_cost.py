@@ -36,7 +36,7 @@ DEFAULT_VARIANTS = (
     "local:budget=0",
     "flat:budget=8",
     "staged:stages=8,stage_budget=8,budget=0",
-    "staged-sub2:stages=8,stage_budget=4,subsample=2,budget=0",
+    "default:stages=8,stage_budget=4,subsample=3,budget=0",
 )
 
 
