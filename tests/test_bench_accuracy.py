@@ -77,7 +77,9 @@ def test_cells_are_computed_once_and_outputs_written(stand_in, tmp_path: Path) -
     assert rows[0]["key"]["numerics"] == {"ast": 1, "benchmark": 1, "quantization": 1}
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert (
-        "| w4a4 | esc | " in md and "TTS accuracy %" in md and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+        "| w4a4 | esc (2 gen) | " in md
+        and "TTS accuracy %" in md
+        and (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     )
     # A second run finds every cell and builds nothing; a new method fills only its cells.
     acc.run_accuracy_bench(["ast"], ["max", "esc"], ["w8a8", "w4a4"], tmp_path / "out", tmp_path / "cells", settings)
@@ -197,6 +199,27 @@ def test_esc_cells_are_keyed_by_their_search_settings(tmp_path: Path) -> None:
     # a baseline does not depend on ESC's search: its cell is shared
     assert cells.cell_path(tmp_path, "ast", "tts", "max", "w4a4", base, "v") == cells.cell_path(
         tmp_path, "ast", "tts", "max", "w4a4", bigger, "v"
+    )
+    # the staged search gets its own cells; flat cells keep the names they always had
+    staged = cells.AccuracySettings(stages=8, stage_budget=4)
+    flat = cells.cell_path(tmp_path, "ast", "tts", "esc", "w4a4", base, "v")
+    assert flat.name == "esc-w4a4-n100-s0-b30p8g0.1-v.json"
+    assert cells.cell_path(tmp_path, "ast", "tts", "esc", "w4a4", staged, "v").name == (
+        "esc-w4a4-n100-s0-b30p8g0.1-st8x4-v.json"
+    )
+
+
+def test_the_table_shows_every_esc_search_labelled() -> None:
+    from esc_ao.bench.accuracy_table import _search_label
+
+    assert _search_label(None) == ""
+    assert _search_label({"budget": 0, "popsize": 8, "sigma0": 0.1}) == " (local step)"
+    assert _search_label({"budget": 30, "popsize": 8, "sigma0": 0.1}) == " (30 gen)"
+    assert _search_label({"budget": 0, "popsize": 8, "sigma0": 0.1, "stages": 8, "stage_budget": 8}) == (
+        " (8 stages x 8 gen)"
+    )
+    assert _search_label({"budget": 2, "popsize": 8, "sigma0": 0.1, "stages": 4, "stage_budget": 1}) == (
+        " (4 stages x 1 gen, 2 gen)"
     )
 
 
