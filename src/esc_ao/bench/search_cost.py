@@ -207,7 +207,7 @@ def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]], variants: Sequen
         "# ESC's search on the main job's model: cost and result per search variant",
         "",
         f"Command: `esc-ao bench search --test-utterances {n_test} --variants {' '.join(variants)}`; "
-        f"{meta['machine']}, torch {meta['torch']}. Whisper tiny.en's encoder, W8A8, XNNPACK target, the main "
+        f"{meta['machine']}. Whisper tiny.en's encoder, W8A8, XNNPACK target, the main "
         f"job's recipe, {cost['clips']} bundled calibration clips. Test: the first {meta['test_utterances']} "
         f"utterances of the real-speech test split, greedy decoding with the float decoder (float WER "
         f"{100 * meta['float_wer']:.2f} %); SQNR of the encoder's output against float.",
