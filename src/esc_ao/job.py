@@ -175,18 +175,10 @@ def whisper_default(n_calibration: int | None = None) -> JobInputs:
 def _heldout_wer(whisper: torch.nn.Module, encoder: torch.nn.Module, clips: Sequence[Any]) -> dict[str, Any]:
     """WER of greedy transcripts of the held-out clips with ``encoder`` in place of
     Whisper's own and the float decoder: what the quantized encoder does to transcripts."""
-    from esc_ao.bench.whisper_task import greedy_transcribe, token_limit, tokenizer
+    from esc_ao.bench.whisper_task import encoder_transcripts
     from esc_ao.metrics import wer
-    from esc_ao.speech import whisper_mel
-    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
 
-    audio, text, tok = WhisperAudio(whisper).eval(), WhisperTextStep(whisper).eval(), tokenizer("tiny.en")
-    audio.encoder = encoder
-    with torch.no_grad():
-        hyps = [
-            tok.decode(greedy_transcribe(audio, text, whisper_mel(c.audio), token_limit(len(c.audio) / 16000))[0])
-            for c in clips
-        ]
+    hyps = encoder_transcripts(whisper, encoder, [(c.audio, len(c.audio) / 16000) for c in clips])
     est = wer([c.text for c in clips], hyps, seed=0)
     return {"wer": est.value, "utterances": len(clips), "hypotheses": hyps}
 

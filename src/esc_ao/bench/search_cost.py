@@ -114,12 +114,9 @@ def _heldout(
 ) -> tuple[float, float]:
     """(WER, encoder output noise-to-signal ratio vs float) on real utterances, greedy
     decoding with the float decoder."""
-    from esc_ao.bench.whisper_task import greedy_transcribe, token_limit, tokenizer
+    from esc_ao.bench.whisper_task import encoder_transcripts
     from esc_ao.metrics import wer
-    from esc_ao.speech import whisper_mel
-    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
 
-    audio, text, tok = WhisperAudio(whisper).eval(), WhisperTextStep(whisper).eval(), tokenizer("tiny.en")
     outs: list[torch.Tensor] = []
 
     class Recording(torch.nn.Module):
@@ -128,12 +125,8 @@ def _heldout(
             outs.append(out)
             return out
 
-    audio.encoder = Recording()
-    hyps = []
-    with torch.no_grad():
-        for u in utts:
-            mel = whisper_mel(torch.from_numpy(u.audio()))
-            hyps.append(tok.decode(greedy_transcribe(audio, text, mel, token_limit(u.meta["duration_s"]))[0]))
+    clips = [(torch.from_numpy(u.audio()), u.meta["duration_s"]) for u in utts]
+    hyps = encoder_transcripts(whisper, Recording(), clips)
     noise = sum(float((q - f).pow(2).sum()) for q, f in zip(outs, floats))
     signal = sum(float(f.pow(2).sum()) for f in floats)
     return wer([u.text for u in utts], hyps, seed=0).value, noise / signal

@@ -123,6 +123,23 @@ def greedy_transcribe(
     return out
 
 
+def encoder_transcripts(
+    whisper: torch.nn.Module, encoder: torch.nn.Module, clips: Sequence[tuple[torch.Tensor, float]]
+) -> list[str]:
+    """Greedy transcripts of 16 kHz clips ``(audio, seconds)`` by Whisper tiny.en with
+    ``encoder`` in place of its own and its float decoder: what an encoder does to text."""
+    from esc_ao.speech import whisper_mel
+    from esc_ao.speech.whisper import WhisperAudio, WhisperTextStep
+
+    audio, text, tok = WhisperAudio(whisper).eval(), WhisperTextStep(whisper).eval(), tokenizer("tiny.en")
+    audio.encoder = encoder
+    with torch.no_grad():
+        return [
+            tok.decode(greedy_transcribe(audio, text, whisper_mel(wave), token_limit(seconds))[0])
+            for wave, seconds in clips
+        ]
+
+
 @dataclass(frozen=True)
 class TeacherForcedCE:
     """Mean cross-entropy of next-token logits against target token sequences, one (B, n)

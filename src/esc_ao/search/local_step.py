@@ -111,10 +111,10 @@ def _replay_mode(prepared: GraphModule, dims: list[ScaleDim]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _record(prepared: GraphModule, batch: Batch, dims: list[ScaleDim]) -> dict[Node, Any]:
-    with _replay_mode(prepared, dims):
-        interp = Interpreter(prepared, garbage_collect_values=False)
-        interp.run(*batch)
+def _record(prepared: GraphModule, batch: Batch) -> dict[Node, Any]:
+    """Every intermediate value of one forward (run inside ``_replay_mode``)."""
+    interp = Interpreter(prepared, garbage_collect_values=False)
+    interp.run(*batch)
     return interp.env
 
 
@@ -160,7 +160,7 @@ def local_mse_scales(
 def _fit(prepared: GraphModule, dims: list[ScaleDim], batches: list[Batch], grid: int, todo: list[int]) -> list[float]:
     plans = {i: [(n, *_downstream(n)) for n in dims[i].nodes] for i in todo}
     base = [d.observer.init_scale for d in dims]
-    envs = [_record(prepared, batch, dims) for batch in batches]
+    envs = [_record(prepared, batch) for batch in batches]
     coarse = np.unique(np.append(np.geomspace(*GRID_RANGE, max(2, grid // 2)), 1.0))
     scales = []
     for i in todo:

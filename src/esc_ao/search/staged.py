@@ -59,24 +59,25 @@ class Stage:
     rerun: list[Node] = field(default_factory=list)
 
 
+def _downstream_of(gm: GraphModule, seeds: set[Node]) -> set[Node]:
+    """``seeds`` and every node that reads one of them, directly or not."""
+    reached = set(seeds)
+    for n in gm.graph.nodes:
+        if n not in reached and any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+    return reached
+
+
 def _input_dependent(gm: GraphModule) -> set[Node]:
     """Nodes whose value depends on the model's inputs."""
-    dep: set[Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
+    return _downstream_of(gm, {n for n in gm.graph.nodes if n.op == "placeholder"})
 
 
 def _noisy_nodes(gm: GraphModule, dims: list[ScaleDim]) -> set[Node]:
     """Nodes whose value an activation scale can change: everything downstream of an
     activation observer's call. The rest (masks from lengths, parameters, the input before
     its first observer) is the same in every candidate and is simply cached."""
-    noisy = {n for d in dims for n in d.nodes}
-    for n in gm.graph.nodes:
-        if n not in noisy and any(a in noisy for a in n.all_input_nodes):
-            noisy.add(n)
-    return noisy
+    return _downstream_of(gm, {n for d in dims for n in d.nodes})
 
 
 def _cuts(
@@ -253,8 +254,7 @@ class StagedSearch:
         """Stage ``k``'s objective on the given batch indices (this rank's shard) with the
         stage's dimensions at ``scales``, summed over ranks."""
         stage = self.stages[k]
-        for i, s in zip(stage.dims, scales):
-            self.dims[i].observer.set_scale(float(s))
+        self._set(k, scales)
         num = den = 0.0
         outputs, refs = [], []
         with observer_mode(self.prepared, observing=False, fake_quant=True):
@@ -271,6 +271,10 @@ class StagedSearch:
         num, den = self.cluster.sum_parts(num, den)
         self.evaluations += 1
         return num / den if den != 0 else math.nan
+
+    def _set(self, k: int, scales: Sequence[float]) -> None:
+        for i, s in zip(self.stages[k].dims, scales):
+            self.dims[i].observer.set_scale(float(s))
 
     def search_stage(
         self,
@@ -313,11 +317,11 @@ class StagedSearch:
             x = [float(v) for v in np.asarray(x)[:n]]
         x = self.cluster.broadcast(x)
         if x is None:
-            self.stage_value(k, start, everything)  # leaves the stage at its start
+            self._set(k, start)  # leaves the stage at its start
             return list(start), start_value, start_value
         scales = scales_of(x)
         final_value = self.stage_value(k, scales, everything)
         if not (math.isfinite(final_value) and final_value < start_value):
-            self.stage_value(k, start, everything)
+            self._set(k, start)
             return list(start), start_value, start_value
         return scales, start_value, final_value
