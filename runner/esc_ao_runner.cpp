@@ -1,13 +1,16 @@
 // esc_ao_runner: loads an ExecuTorch .pte, runs its `forward` on inputs read from a file,
 // writes the outputs and prints the latency (median of N timed runs) as one JSON line.
 //
-//   esc_ao_runner MODEL.pte INPUT.bin OUTPUT.bin [--runs N] [--warmup W]
+//   esc_ao_runner MODEL.pte INPUT.bin OUTPUT.bin [--runs N] [--warmup W] [--threads T]
 //
 // INPUT.bin holds every input tensor of `forward`, in order, as raw little-endian
 // values of the dtype and shape the program declares (float32 for the models esc-ao
 // exports); the shapes come from the program's method metadata, so the file carries no
 // header. OUTPUT.bin receives every tensor output the same way. Anything the program
 // does not expect (size mismatch, non-tensor input, unknown dtype) is a clear error.
+// --threads sets the size of ExecuTorch's shared thread pool (XNNPACK runs on it); by
+// default ExecuTorch sizes it to the CPU's cores, so a latency without --threads depends
+// on the machine. The thread count used is printed with the timing.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -29,6 +32,17 @@ using executorch::extension::TensorPtr;
 using executorch::extension::from_blob;
 using executorch::runtime::EValue;
 using executorch::runtime::Error;
+
+// The wheel ships the thread pool library but not its header (threadpool.h); these are
+// the two members of its public API the runner needs, declared as the library defines them.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
 
 namespace {
 
@@ -59,17 +73,19 @@ struct Options {
   std::string model, input, output;
   int runs = 10;
   int warmup = 2;
+  int threads = 0;  // 0: ExecuTorch's default
 };
 
 Options parse(int argc, char** argv) {
-  if (argc < 4) fail("usage: esc_ao_runner MODEL.pte INPUT.bin OUTPUT.bin [--runs N] [--warmup W]");
+  if (argc < 4) fail("usage: esc_ao_runner MODEL.pte INPUT.bin OUTPUT.bin [--runs N] [--warmup W] [--threads T]");
   Options o{argv[1], argv[2], argv[3]};
   for (int i = 4; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     int value = std::atoi(argv[i + 1]);
     if (flag == "--runs" && value > 0) o.runs = value;
     else if (flag == "--warmup" && value >= 0) o.warmup = value;
-    else fail("bad option " + flag + " " + argv[i + 1] + " (--runs N>0, --warmup W>=0)");
+    else if (flag == "--threads" && value > 0) o.threads = value;
+    else fail("bad option " + flag + " " + argv[i + 1] + " (--runs N>0, --warmup W>=0, --threads T>0)");
   }
   return o;
 }
@@ -78,6 +94,10 @@ Options parse(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (pool == nullptr) fail("ExecuTorch's thread pool is unavailable");
+  if (opt.threads > 0 && !pool->_unsafe_reset_threadpool(static_cast<uint32_t>(opt.threads)))
+    fail("cannot resize the thread pool to " + std::to_string(opt.threads) + " threads");
   if (!std::ifstream(opt.model)) fail("cannot open program " + opt.model + " (no such file, or unreadable)");
   Module module(opt.model, Module::LoadMode::MmapUseMlock);
   if (module.load_forward() != Error::Ok) fail("cannot load method forward of " + opt.model);
@@ -137,7 +157,7 @@ int main(int argc, char** argv) {
   for (std::string line; std::getline(status, line);)
     if (line.rfind("VmHWM:", 0) == 0) peak_kb = std::atol(line.c_str() + 6);
   std::printf("{\"median_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, \"runs\": %zu, \"outputs\": %zu, "
-              "\"peak_rss_kb\": %ld}\n",
-              median, ms.front(), ms.back(), ms.size(), outputs.size(), peak_kb);
+              "\"peak_rss_kb\": %ld, \"threads\": %zu}\n",
+              median, ms.front(), ms.back(), ms.size(), outputs.size(), peak_kb, pool->get_thread_count());
   return 0;
 }

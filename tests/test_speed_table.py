@@ -29,7 +29,7 @@ def test_measuring_one_model_keeps_the_others(tmp_path: Path, monkeypatch) -> No
         "rows": [_row("conformer", "float", 86.3), _row("whisper-encoder", "float", 290.0)],
     }
     (tmp_path / "speed.json").write_text(json.dumps(legacy))
-    monkeypatch.setattr(speed, "describe", lambda: "new CPU (avx512_vnni), 2 threads")
+    monkeypatch.setattr(speed, "describe_cpu", lambda: "new CPU (avx512_vnni), 2 cores")
     speed._write([_row("whisper-encoder", "float", 250.0), _row("whisper-encoder", "int8", 100.0)], 5, 2, tmp_path)
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert [(r["model"], r["variant"], r["median_ms"]) for r in rows] == [
@@ -38,6 +38,6 @@ def test_measuring_one_model_keeps_the_others(tmp_path: Path, monkeypatch) -> No
         ("whisper-encoder", "int8", 100.0),
     ]
     assert rows[0]["machine"] == "old CPU, 2 cores" and rows[0]["runs_per_round"] == 20
-    assert rows[1]["machine"] == "new CPU (avx512_vnni), 2 threads" and rows[1]["rounds"] == 2
+    assert rows[1]["machine"] == "new CPU (avx512_vnni), 2 cores" and rows[1]["rounds"] == 2
     md = (tmp_path / "speed.md").read_text()
     assert "machine: old CPU, 2 cores" in md and "--models whisper-encoder --runs 5 --rounds 2" in md

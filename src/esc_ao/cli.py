@@ -230,13 +230,22 @@ def _parser() -> argparse.ArgumentParser:
         help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native " "runner), size, peak memory",
     )
     bs.add_argument("--models", nargs="+", default=["conformer", "whisper-encoder", "ast"])
-    bs.add_argument("--variants", nargs="+", default=["float", "int8", "w4a4", "w4-dyn"])
+    bs.add_argument(
+        "--variants",
+        nargs="+",
+        default=["float", "int8", "int8-default", "w4a4", "w4-dyn", "8da8w", "8da4w"],
+        help="programs to time (esc_ao.bench.speed names each)",
+    )
     bs.add_argument("--runs", type=int, default=20)
     bs.add_argument("--rounds", type=int, default=3)
     bs.add_argument("--out", type=Path, default=Path("docs/results"))
     bs.add_argument("--work", type=Path, default=Path("esc_ao_out/speed"), help="where the .pte files go")
     bs.add_argument("--reuse", action="store_true", help="reuse .pte files (and their .json) already in --work")
     bs.add_argument("--lower-only", action="store_true", help="write the .pte files, time nothing")
+    bs.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts to time each program at")
+    bs.add_argument(
+        "--profile-runs", type=int, default=5, help="runs of the per-operator profile (1 thread); 0: no profile"
+    )
     ba = bsub.add_parser(
         "accuracy",
         help="WER / accuracy of every calibration method and bit width on the trained "
@@ -522,7 +531,16 @@ def _speed_bench(args: argparse.Namespace) -> int:
     from esc_ao.bench.speed import run_speed_bench
 
     run_speed_bench(
-        args.models, args.variants, args.runs, args.rounds, args.out, args.work, args.reuse, args.lower_only
+        args.models,
+        args.variants,
+        args.runs,
+        args.rounds,
+        args.out,
+        args.work,
+        args.reuse,
+        args.lower_only,
+        threads=args.threads,
+        profile_runs=args.profile_runs,
     )
     return 0
 

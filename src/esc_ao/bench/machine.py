@@ -4,12 +4,13 @@ gain 2-3.5x over fp32 with AVX512-VNNI, about 1x without), so they are named."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["INT8_FEATURES", "cpu_features", "cpu_name", "describe"]
+__all__ = ["INT8_FEATURES", "cpu_features", "cpu_name", "describe", "describe_cpu"]
 
 # x86: AVX512-VNNI, AVX-VNNI; Arm: dot product (asimddp), int8 matrix multiply (i8mm).
 INT8_FEATURES = ("avx512_vnni", "avx_vnni", "asimddp", "i8mm")
@@ -41,8 +42,16 @@ def cpu_features() -> list[str]:
     return []
 
 
+def describe_cpu() -> str:
+    """'x86_64 AMD EPYC (avx512_vnni), 2 cores': the machine a speed row ran on (each row
+    names its own thread count)."""
+    features = ", ".join(cpu_features()) or "no int8 dot-product"
+    return f"{platform.machine()} {cpu_name()} ({features}), {os.cpu_count()} cores"
+
+
 def describe() -> str:
-    """'x86_64 AMD EPYC (avx512_vnni), 1 threads, torch 2.14.1+cu130'."""
+    """'x86_64 AMD EPYC (avx512_vnni), 1 threads, torch 2.14.1+cu130': the machine and
+    PyTorch's thread count, beside an accuracy cell."""
     features = ", ".join(cpu_features()) or "no int8 dot-product"
     return (
         f"{platform.machine()} {cpu_name()} ({features}), {torch.get_num_threads()} threads, "

@@ -1,40 +1,54 @@
-"""Latency, size and peak memory of float vs integer ExecuTorch XNNPACK programs.
+"""Latency, size and peak memory of float vs integer ExecuTorch XNNPACK programs, and
+where each program's time goes.
 
     esc-ao bench speed [--models conformer whisper-encoder ast] [--variants ...] [--runs 20] [--rounds 3]
+                       [--threads 1 2]
 
 For each model, every variant is lowered to a .pte (checked against its graph by
 ``to_executorch``), then all of them run in the native C++ runner on the same input,
-interleaved round by round (so drift of the machine hits every variant alike). Reported:
-median latency over all rounds (each round's median of ``runs`` runs) with the spread of
-the round medians, .pte size, the runner's peak resident memory, the ratio to float.
-Writes ``speed.json`` (one record per model x variant) and ``speed.md``.
+interleaved round by round (so drift of the machine hits every variant alike), once per
+thread count. Reported: median latency over all rounds (each round's median of ``runs``
+runs) with the spread of the round medians, .pte size, the runner's peak resident memory,
+the ratio to float at the same thread count, and the program's SQNR against the float
+model (so a fast broken program never looks like a win). Then each program is profiled
+operator by operator on one thread (esc_ao.bench.op_profile). Writes ``speed.json`` (one
+record per model x variant x threads) and ``speed.md``.
 
 Variants:
 * ``float``: the float model, same graph rewrites (one delegate), fp32 XNNPACK kernels.
-* ``int8``: EscQuantizer(target="xnnpack") W8A8, static int8 kernels.
-* ``w4a4``: the same with 4-bit grids: weights in [-8, 7] and activations in [-8, 7],
-  run by the int8 kernels (XNNPACK has no 4-bit activation type).
+* ``int8``: EscQuantizer(target="xnnpack") W8A8 with MSE scales, static int8 kernels.
+* ``int8-default``: what ``esc-ao quantize`` writes at W8A8 (esc_ao.recipe.main_job_recipe:
+  smoothing, the residual stream float with the linears writing it as dynamic int8 GEMMs),
+  MSE scales (ESC's search changes scales, not the program's ops or speed).
+* ``w4a4``: the ``int8`` program with 4-bit grids: weights in [-8, 7] and activations in
+  [-8, 7], run by the int8 kernels (XNNPACK has no 4-bit activation type).
 * ``w4-dyn``: int4 per-channel weights with dynamic int8 activations (XNNPACK qd8-qc4w
   linears, from the stock XNNPACKQuantizer's dynamic config); other ops float.
+* ``8da8w`` / ``8da4w``: what ExecuTorch's own Whisper export does (optimum-executorch's
+  ``--qlinear``): torchao's dynamic per-token int8 activations with int8 per-channel /
+  int4 group-32 weights on every linear (esc_ao.bench.dynamic), the rest float.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from esc_ao.atomic import write_json_atomic, write_text_atomic
-from esc_ao.bench.machine import cpu_features, describe
+from esc_ao.bench.machine import cpu_features, describe_cpu
+from esc_ao.bench.op_profile import CATEGORIES, profile_pte
 from esc_ao.lower.executorch import LoweringError
 
 __all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
 
-VARIANTS = ("float", "int8", "w4a4", "w4-dyn")
+VARIANTS = ("float", "int8", "int8-default", "w4a4", "w4-dyn", "8da8w", "8da4w")
+_TORCHAO_DYNAMIC = {"8da8w": "w8a8", "8da4w": "w4a8"}  # variant -> esc_ao.bench.dynamic bits
 
 
 def _conformer() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple]]:
@@ -100,9 +114,18 @@ DESCRIPTION = {
 }
 
 
-def _quantized(model: torch.nn.Module, batches: list[tuple], variant: str) -> torch.fx.GraphModule:
+def _quantized(model: torch.nn.Module, batches: list[tuple], variant: str) -> torch.nn.Module:
     from esc_ao import EscQuantizer, QuantConfig, convert, export_model, observe, prepare
 
+    if variant in _TORCHAO_DYNAMIC:
+        from esc_ao.bench.dynamic import quantize_linears
+
+        return quantize_linears(copy.deepcopy(model), _TORCHAO_DYNAMIC[variant])
+    if variant == "int8-default":
+        from esc_ao.recipe import main_job_recipe
+
+        config = QuantConfig(weight_bits=8, act_bits=8, method="mse")
+        return convert(main_job_recipe("xnnpack", 8).prepare(export_model(model, batches[0]), batches, config).model)
     if variant == "w4-dyn":
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -175,12 +198,15 @@ def run_speed_bench(
     work_dir: Path,
     reuse: bool = False,
     lower_only: bool = False,
+    threads: Sequence[int] = (1, 2),
+    profile_runs: int = 5,
 ) -> list[dict[str, Any]]:
-    """Lowers (or with ``reuse``, reloads) every program, then times them all.
+    """Lowers (or with ``reuse``, reloads) every program, times them all at each thread
+    count, then profiles each on one thread (``profile_runs`` 0: no profile).
 
     ``lower_only`` stops after lowering: timing is best done later on an idle machine
     with ``reuse``, since lowering is CPU-heavy and noisy neighbours skew latencies."""
-    from esc_ao.lower.runner import run_native, runner_path
+    from esc_ao.lower.runner import runner_path
 
     for name in models:
         if name not in MODELS:
@@ -188,6 +214,8 @@ def run_speed_bench(
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    if not threads or min(threads) < 1:
+        raise ValueError(f"threads={list(threads)}: give one or more thread counts >= 1, e.g. --threads 1 2")
     runner_path()  # fail before minutes of lowering, not after
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = {name: _lowered(MODELS[name], name, variants, work_dir, reuse) for name in models}
@@ -197,30 +225,55 @@ def run_speed_bench(
     for name, (example, lowered) in prepared.items():
         failed = {v: info for v, info in lowered.items() if "error" in info}
         rows += [{"model": name, "variant": v, "error": info["error"]} for v, info in failed.items()]
-        variants_ok = [v for v in variants if v not in failed]
-        medians: dict[str, list[float]] = {v: [] for v in variants_ok}
-        rss: dict[str, int] = {}
-        for _ in range(rounds):
-            for v in variants_ok:
-                run = run_native(lowered[v]["pte"], example, runs=runs, warmup=3)
-                medians[v].append(run.median_ms)
-                rss[v] = max(rss.get(v, 0), run.peak_rss_bytes)
-        base = statistics.median(medians["float"]) if "float" in medians else None
-        for v in variants_ok:
-            med = statistics.median(medians[v])
-            rows.append(
-                {
-                    "model": name,
-                    "variant": v,
-                    "median_ms": round(med, 2),
-                    "round_medians_ms": [round(m, 2) for m in medians[v]],
-                    "speedup_vs_float": round(base / med, 2) if base else None,
-                    "peak_rss_bytes": rss[v],
-                    **lowered[v],
-                }
-            )
-            print(f"{name} {v}: {med:.1f} ms (rounds {medians[v]}), x{rows[-1]['speedup_vs_float']}", flush=True)
+        ok = [v for v in variants if v not in failed]
+        profiles = {v: _profile(lowered[v]["pte"], example, profile_runs) for v in ok} if profile_runs else {}
+        for n in threads:
+            rows += _timed(name, example, {v: lowered[v] for v in ok}, runs, rounds, n, profiles if n == 1 else {})
     _write(rows, runs, rounds, out_dir)
+    return rows
+
+
+def _profile(pte: str, example: tuple, runs: int) -> dict[str, Any]:
+    return profile_pte(pte, example, runs=runs, threads=1).as_dict()
+
+
+def _timed(
+    name: str,
+    example: tuple,
+    lowered: dict[str, dict[str, Any]],
+    runs: int,
+    rounds: int,
+    threads: int,
+    profiles: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One row per variant: ``rounds`` rounds, each running every variant in turn."""
+    from esc_ao.lower.runner import run_native
+
+    medians: dict[str, list[float]] = {v: [] for v in lowered}
+    rss: dict[str, int] = {}
+    for _ in range(rounds):
+        for v, info in lowered.items():
+            run = run_native(info["pte"], example, runs=runs, warmup=3, threads=threads)
+            medians[v].append(run.median_ms)
+            rss[v] = max(rss.get(v, 0), run.peak_rss_bytes)
+    base = statistics.median(medians["float"]) if "float" in medians else None
+    rows = []
+    for v in lowered:
+        med = statistics.median(medians[v])
+        row = {
+            "model": name,
+            "variant": v,
+            "threads": threads,
+            "median_ms": round(med, 2),
+            "round_medians_ms": [round(m, 2) for m in medians[v]],
+            "speedup_vs_float": round(base / med, 2) if base else None,
+            "peak_rss_bytes": rss[v],
+            **lowered[v],
+        }
+        if v in profiles:
+            row["profile"] = profiles[v]
+        rows.append(row)
+        print(f"{name} {v} {threads}t: {med:.1f} ms (rounds {medians[v]}), x{row['speedup_vs_float']}", flush=True)
     return rows
 
 
@@ -248,7 +301,7 @@ def _merged(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) -> None:
-    here = {"machine": describe(), "cpu_int8_features": cpu_features(), "runs_per_round": runs, "rounds": rounds}
+    here = {"machine": describe_cpu(), "cpu_int8_features": cpu_features(), "runs_per_round": runs, "rounds": rounds}
     rows = _merged([{**here, **r} for r in rows], out_dir)
     meta = {
         "runner": "build/runner/esc_ao_runner (native C++, ExecuTorch 1.5.1 wheel, XNNPACK)",
@@ -259,37 +312,73 @@ def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) ->
     lines = [
         "# ExecuTorch XNNPACK speed: float vs integer programs",
         "",
-        f"Command: `esc-ao bench speed --models MODEL --runs RUNS --rounds ROUNDS` per model (each section "
-        f"names its settings and machine); {meta['runner']}. Latency: median over rounds of each round's median, "
-        "variants interleaved round by round; spread = min..max of the round medians. Peak RSS: the runner "
-        "process. int8 GEMMs gain over fp32 only on CPUs with int8 dot-product instructions (avx512_vnni, "
-        "avx_vnni; Arm dotprod/i8mm): compare ratios within a section, not across machines.",
+        f"Command: `esc-ao bench speed --models MODEL --runs RUNS --rounds ROUNDS --threads 1 2` per model (each "
+        f"section names its settings and machine); {meta['runner']}, its thread pool set to the row's thread count. "
+        "Latency: median over rounds of each round's median, variants interleaved round by round; spread = "
+        "min..max of the round medians; vs float: against the float program at the same thread count (a "
+        "program slower than float is marked **slower**). Peak RSS: the runner process. Program vs float: "
+        "the .pte's output against the float model's, in dB. int8 GEMMs gain over fp32 only on CPUs with int8 "
+        "dot-product instructions (avx512_vnni, avx_vnni; Arm dotprod/i8mm), named in each section's machine: "
+        "compare ratios within a section, not across machines.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        mrows = [r for r in rows if r["model"] == model]
-        first = mrows[0]
-        lines += [
-            f"## {model}",
-            "",
-            DESCRIPTION.get(model, ""),
-            "",
-            f"`esc-ao bench speed --models {model} --runs {first.get('runs_per_round')} --rounds "
-            f"{first.get('rounds')}`; machine: {first.get('machine', '?')}.",
-            "",
-            "| variant | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
-            "graph vs float dB | where the ops run |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in mrows:
-            if "error" in r:
-                lines.append(f"| {r['variant']} | lowering failed: {r['error']} |||||||")
-                continue
-            spread = f"{min(r['round_medians_ms']):.1f}..{max(r['round_medians_ms']):.1f}"
-            lines.append(
-                f"| {r['variant']} | {r['median_ms']:.1f} | {spread} | {r['speedup_vs_float']}x | "
-                f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_float_db']} | "
-                f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |"
-            )
-        lines.append("")
+        lines += _section(model, [r for r in rows if r["model"] == model])
     write_text_atomic(out_dir / "speed.md", "\n".join(lines))
+
+
+def _ratio(r: dict[str, Any]) -> str:
+    ratio = r.get("speedup_vs_float")
+    if ratio is None:
+        return "-"
+    return f"{ratio}x" + (" **slower**" if ratio < 1.0 else "")
+
+
+def _section(model: str, mrows: list[dict[str, Any]]) -> list[str]:
+    first = mrows[0]
+    threads = sorted({r["threads"] for r in mrows if "threads" in r})
+    flag = f" --threads {' '.join(map(str, threads))}" if threads else ""
+    lines = [
+        f"## {model}",
+        "",
+        DESCRIPTION.get(model, ""),
+        "",
+        f"`esc-ao bench speed --models {model} --runs {first.get('runs_per_round')} --rounds "
+        f"{first.get('rounds')}{flag}`; machine: {first.get('machine', '?')}.",
+        "",
+        "| variant | threads | median ms | spread ms | vs float | .pte MB | peak RSS MB | program vs float dB | "
+        "graph vs float dB | where the ops run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in mrows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | - | lowering failed: {r['error']} ||||||||")
+            continue
+        spread = f"{min(r['round_medians_ms']):.1f}..{max(r['round_medians_ms']):.1f}"
+        lines.append(
+            f"| {r['variant']} | {r.get('threads', '?')} | {r['median_ms']:.1f} | {spread} | {_ratio(r)} | "
+            f"{r['size_bytes'] / 1e6:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['sqnr_vs_float_db']} | "
+            f"{r.get('graph_vs_float_db') or '-'} | {r['coverage_summary']} |"
+        )
+    profiled = [r for r in mrows if "profile" in r]
+    if profiled:
+        lines += [
+            "",
+            "Where the time goes, 1 thread (XNNPACK's per-operator timings from an ETDump, median of the profiled "
+            "runs; esc_ao.bench.op_profile): each category's share of the method's time; gemm = fully connected, "
+            "convolution and batch matrix multiply; convert = quantize/dequantize inside the delegate; outside = "
+            "time not in any XNNPACK operator.",
+            "",
+            "| variant | profiled ms | "
+            + " | ".join(f"{c} %" for c in CATEGORIES)
+            + " | largest operator kinds (ms) |",
+            "|---|---|" + "---|" * len(CATEGORIES) + "---|",
+        ]
+        for r in profiled:
+            p = r["profile"]
+            total = p["total_ms"]
+            shares = " | ".join(f"{100 * p['categories_ms'][c] / total:.0f}" for c in CATEGORIES)
+            top = "; ".join(f"{k} {v:.1f}" for k, v in list(p["kinds_ms"].items())[:4])
+            lines.append(f"| {r['variant']} | {total:.1f} | {shares} | {top} |")
+    lines.append("")
+    return lines

@@ -32,6 +32,7 @@ class NativeRun:
     max_ms: float
     runs: int
     peak_rss_bytes: int
+    threads: int  # the size of ExecuTorch's thread pool the program ran on
 
 
 def runner_path() -> Path:
@@ -44,14 +45,20 @@ def runner_path() -> Path:
     return path
 
 
-def run_native(pte: str | Path, inputs: Sequence[torch.Tensor], runs: int = 10, warmup: int = 2) -> NativeRun:
-    """Runs ``forward`` of a .pte in the native runner, in a child process of its own."""
+def run_native(
+    pte: str | Path, inputs: Sequence[torch.Tensor], runs: int = 10, warmup: int = 2, threads: int | None = None
+) -> NativeRun:
+    """Runs ``forward`` of a .pte in the native runner, in a child process of its own, on
+    ``threads`` threads (None: ExecuTorch's default, one per core)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads}: give at least 1 (or None for one per core)")
     exe = runner_path()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         src.write_bytes(b"".join(t.detach().contiguous().numpy().tobytes() for t in inputs))
         proc = subprocess.run(
-            [str(exe), str(pte), str(src), str(dst), "--runs", str(runs), "--warmup", str(warmup)],
+            [str(exe), str(pte), str(src), str(dst), "--runs", str(runs), "--warmup", str(warmup)]
+            + ([] if threads is None else ["--threads", str(threads)]),
             capture_output=True,
             text=True,
         )
@@ -66,4 +73,5 @@ def run_native(pte: str | Path, inputs: Sequence[torch.Tensor], runs: int = 10, 
         timing["max_ms"],
         timing["runs"],
         int(timing["peak_rss_kb"]) * 1024,
+        int(timing["threads"]),
     )
