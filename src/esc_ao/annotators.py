@@ -24,7 +24,9 @@ Two targets (``TARGETS``):
   in float only, so the attention matmuls are left float (quantizing their inputs would
   add error and two conversions each, for no integer kernel), and LayerNorm, which runs
   as float ops, gets only its output quantized (its input is already the int8 output of
-  a residual add).
+  a residual add). ``INT8_BMM_POLICY`` (EscQuantizer's ``int8_attention``) instead gives
+  the attention matmuls int8 inputs and outputs, which XNNPACK's own static int8 batch
+  matmul runs when esc_ao.lower's partitioner delegates it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from torchao.quantization.pt2e.quantizer import (
 
 __all__ = [
     "ANNOTATION_KEY",
+    "ATTENTION_MATMULS",
+    "AttentionMatmuls",
+    "INT8_BMM_POLICY",
     "OP_ROLES",
     "POLICY",
     "Policy",
@@ -68,6 +73,9 @@ TARGETS: tuple[str, ...] = ("reference", "xnnpack")
 # config, on a 16-bit integer grid, or in float.
 ResidualPrecision = Literal["int8", "int16", "float"]
 RESIDUAL_PRECISIONS: tuple[str, ...] = ("int8", "int16", "float")
+# Which attention matmuls the XNNPACK target runs as int8 kernels (EscQuantizer's attention).
+AttentionMatmuls = Literal["float", "scores", "int8"]
+ATTENTION_MATMULS: tuple[str, ...] = ("float", "scores", "int8")
 
 OP_ROLES: dict[object, Role] = {
     aten.linear.default: "weighted",
@@ -199,6 +207,8 @@ POLICY: dict[tuple[str, str], Policy] = {
     # LayerNorm runs as float ops; its input is already the int8 output of a residual add
     ("xnnpack", "norm"): Policy(False, True, "per-tensor output"),
 }
+# The XNNPACK target's attention matmuls with EscQuantizer(int8_attention=True).
+INT8_BMM_POLICY = Policy(True, True, "per-tensor inputs and output (XNNPACK's int8 batch matmul)")
 
 
 def annotate_node(
@@ -209,13 +219,15 @@ def annotate_node(
     wide: frozenset[Node] = frozenset(),
     unquantized: frozenset[Node] = frozenset(),
     float_output: bool = False,
+    policy: Policy | None = None,
 ) -> bool:
     """Writes the quantization annotation of one node; returns False when the node has
     nothing to quantize (e.g. a mul by a scalar). ``wide``: inputs read on the 16-bit grid
     (an int16 residual stream); ``unquantized``: inputs read as they are (a float one);
     ``float_output``: the output stays float (a graph output): a weighted op then takes
     a dynamically quantized input, which is how XNNPACK runs an int8 GEMM with a float
-    output; other ops are left unannotated (returns False)."""
+    output; other ops are left unannotated (returns False). ``policy``: instead of
+    POLICY's for (target, role)."""
     if not _is_float_tensor(node):
         return False
     act = specs.activation
@@ -233,7 +245,7 @@ def annotate_node(
             return False
         inputs, output = {x: act}, SharedQuantizationSpec((x, node))
     else:
-        policy = POLICY[(target, role)]
+        policy = POLICY[(target, role)] if policy is None else policy
         if role == "weighted":
             x, w = node.args[0], node.args[1]
             if not (isinstance(x, Node) and isinstance(w, Node)):

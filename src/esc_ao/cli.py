@@ -14,7 +14,7 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from esc_ao.annotators import RESIDUAL_PRECISIONS, TARGETS
+from esc_ao.annotators import ATTENTION_MATMULS, RESIDUAL_PRECISIONS, TARGETS
 from esc_ao.bench.dynamic import BENCH_METHODS, DYNAMIC_METHOD
 from esc_ao.bench.search_cost import DEFAULT_VARIANTS
 from esc_ao.config import BIT_LABELS, METHODS, QuantConfig, SearchConfig
@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("int8", "int16"),
         help="the attention probabilities' grid (softmax outputs an attention matmul reads): int16 on the reference "
         "target only (xnnpack runs attention in float); default int8",
+    )
+    r.add_argument(
+        "--attention",
+        default=None,
+        choices=ATTENTION_MATMULS,
+        help="xnnpack target: which attention matmuls run as XNNPACK's int8 batch matmul: float (none), scores "
+        "(queries x keys), int8 (both; the probabilities' int8 grid costs accuracy); default: the recipe's",
     )
     r.add_argument(
         "--rotate",
@@ -447,6 +454,7 @@ def _quantize(args: argparse.Namespace) -> int:
             rotate=args.rotate,
             rotate_block=args.rotate_block,
             probs16=args.attention_probs == "int16",
+            attention=args.attention or default.attention,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

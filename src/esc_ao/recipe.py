@@ -7,6 +7,9 @@ calibration method in the accuracy benchmark, e.g. ``mse+r16+sq``:
   default: the reference target, full integer);
 - ``+r16``: the residual stream on a 16-bit integer grid (reference target);
 - ``+rf``: the residual stream in float (the XNNPACK target's counterpart);
+- ``+qk8``: the attention scores matmul (queries x keys) as XNNPACK's int8 batch matmul
+  (XNNPACK target; EscQuantizer's ``attention="scores"``); ``+att8`` both attention
+  matmuls (``attention="int8"``);
 - ``+p16``: attention probabilities (softmax outputs read by a matmul) on a 16-bit grid
   (reference target);
 - ``+had``: Hadamard rotation of every pre-LayerNorm residual stream, folded into the
@@ -39,7 +42,7 @@ from typing import Sequence
 import torch
 from torch.fx import GraphModule
 
-from esc_ao.annotators import OP_ROLES, ResidualPrecision, Target
+from esc_ao.annotators import OP_ROLES, AttentionMatmuls, ResidualPrecision, Target
 from esc_ao.config import QuantConfig
 from esc_ao.graph_prep import tied_linears
 from esc_ao.pipeline import Batch, observe, prepare
@@ -53,6 +56,8 @@ RECIPE_FLAGS: dict[str, str] = {
     "xnn": "XNNPACK target",
     "r16": "residual stream on a 16-bit grid",
     "rf": "residual stream in float",
+    "qk8": "attention scores matmul in int8 kernels",
+    "att8": "both attention matmuls in int8 kernels",
     "p16": "attention probabilities on a 16-bit grid",
     "had": "Hadamard-rotated residual stream",
     "sq": "LayerNorm -> linear smoothing",
@@ -62,6 +67,7 @@ RECIPE_FLAGS: dict[str, str] = {
     "c8": "convolutions at 8-bit weights",
 }
 _RESIDUAL_FLAG: dict[str, ResidualPrecision] = {"r16": "int16", "rf": "float"}
+_ATTENTION_FLAG: dict[str, AttentionMatmuls] = {"qk8": "scores", "att8": "int8"}
 SMOOTH_BATCHES = 8  # calibration batches smoothing measures channel ranges on
 GPTQ_BATCHES = 32  # calibration batches GPTQ's Hessians are estimated on
 PLAN_BATCHES = 4  # calibration batches the precision plan's sensitivities are measured on
@@ -88,6 +94,7 @@ class Recipe:
     rotate: bool = False
     rotate_block: int | None = None
     probs16: bool = False
+    attention: AttentionMatmuls = "float"
 
     def __post_init__(self) -> None:
         if self.weight_group is not None:
@@ -118,6 +125,11 @@ class Recipe:
                 "attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK runs "
                 "the attention matmuls in float already; drop +p16 or use the reference target"
             )
+        if self.attention != "float" and self.target != "xnnpack":
+            raise ValueError(
+                f"attention matmuls {self.attention!r} (+qk8/+att8) pick XNNPACK's int8 batch matmul: they "
+                "need the XNNPACK target (+xnn); the reference target quantizes attention inputs already"
+            )
         if self.residual == "int16" and self.target == "xnnpack":
             raise ValueError(
                 "residual stream 'int16' on the XNNPACK target: XNNPACK has no 16-bit kernels; use "
@@ -130,6 +142,7 @@ class Recipe:
         flags = (
             (["xnn"] if self.target == "xnnpack" else [])
             + [f for f, r in _RESIDUAL_FLAG.items() if r == self.residual]
+            + [f for f, a in _ATTENTION_FLAG.items() if a == self.attention]
             + (["p16"] if self.probs16 else [])
             + ([f"had{self.rotate_block or ''}"] if self.rotate else [])
             + (["sq"] if self.smooth else [])
@@ -183,7 +196,11 @@ class Recipe:
         (``conv_8bit``) at 8-bit weights, online rotations at 8-bit inputs."""
         config = self.configure(config)
         quantizer = EscQuantizer(
-            config, target=self.target, residual=self.residual, attention_probs="int16" if self.probs16 else "int8"
+            config,
+            target=self.target,
+            residual=self.residual,
+            attention_probs="int16" if self.probs16 else "int8",
+            attention=self.attention,
         )
         if self.tied_8bit and graph is not None and config.weight_bits == 4:
             for name in tied_linears(graph):
@@ -303,10 +320,15 @@ def split_method(method: str) -> tuple[str, Recipe]:
             f"method {method!r}: one mixed-precision flag +mpN at most, N a percentage of the "
             "multiply-accumulates in (0, 100], e.g. +mp10"
         )
-    if len(set(flags)) != len(flags) or sum(f in _RESIDUAL_FLAG for f in flags) > 1 or {"gptq", "gptqa"} <= set(flags):
+    if (
+        len(set(flags)) != len(flags)
+        or sum(f in _RESIDUAL_FLAG for f in flags) > 1
+        or sum(f in _ATTENTION_FLAG for f in flags) > 1
+        or {"gptq", "gptqa"} <= set(flags)
+    ):
         raise ValueError(
-            f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf) and one GPTQ "
-            "flag (+gptq or +gptqa)"
+            f"method {method!r}: each flag at most once, one residual flag (+r16 or +rf), one attention "
+            "flag (+qk8 or +att8) and one GPTQ flag (+gptq or +gptqa)"
         )
     residual: ResidualPrecision = next((_RESIDUAL_FLAG[f] for f in flags if f in _RESIDUAL_FLAG), "int8")
     return base, Recipe(
@@ -320,6 +342,7 @@ def split_method(method: str) -> tuple[str, Recipe]:
         weight_group=groups[0] if groups else None,
         precision_budget=float(budgets[0][2:]) / 100 if budgets else None,
         probs16="p16" in flags,
+        attention=next((_ATTENTION_FLAG[f] for f in flags if f in _ATTENTION_FLAG), "float"),
         rotate=bool(rotations),
         rotate_block=int(rotations[0][3:]) if rotations and rotations[0][3:] else None,
     )

@@ -10,6 +10,13 @@ grows partitions greedily in one reverse-topological sweep. If that sweep splits
 group (seen on Whisper with dynamic int8 activations, where q, k and v share one
 choose_qparams), the stock merge runs instead: a split group cannot be delegated, and
 ops the partitioner asked to keep undecomposed must be.
+
+``Int8BmmConfig`` replaces XNNPACK's bmm config, which declares fp32 only: a bmm that reads
+two int8 dequantize nodes and writes one int8 quantize node is delegated with them, and
+XNNPACK runs it as its static int8 batch matmul ("Batch Matrix Multiply (NC, QS8)"; both
+operands are activations). XNNPACK refuses that operator when the second operand's zero
+point is not 0 (``xnn_status_unsupported_parameter`` when the program loads, not when it
+is written), so such a bmm, like every other, keeps the fp32 path.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ import logging
 from typing import Iterable
 
 import torch
+from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+from executorch.backends.xnnpack.partition.config.generic_node_configs import BMMConfig
+from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from torch.export import ExportedProgram
 from torch.fx import Node
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner, Partition
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-__all__ = ["FastXnnpackPartitioner", "merge_groups"]
+__all__ = ["FastXnnpackPartitioner", "Int8BmmConfig", "int8_bmm", "merge_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,47 @@ def merge_groups(gm: torch.fx.GraphModule, groups: Iterable[list[Node]]) -> list
     return parts
 
 
+_Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
+_DQ = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+
+def _aten(node: object) -> object:
+    """The ATen / quantized_decomposed overload behind an edge-dialect node's target."""
+    target = getattr(node, "target", None)
+    return getattr(target, "_op", target)
+
+
+def int8_bmm(node: Node) -> bool:
+    """Whether XNNPACK's static int8 batch matmul can run this bmm: both inputs int8
+    dequantize nodes, the second with zero point 0, and one user, an int8 quantize."""
+    ins = node.args[:2]
+    if not all(isinstance(x, Node) and _aten(x) == _DQ and x.args[5] == torch.int8 for x in ins):
+        return False
+    if ins[1].args[2] != 0:  # type: ignore[union-attr]  # checked to be a Node above
+        return False
+    users = list(node.users)
+    return bool(len(users) == 1 and _aten(users[0]) == _Q and users[0].args[5] == torch.int8)
+
+
+class Int8BmmConfig(BMMConfig):
+    """XNNPACK's bmm config, also taking int8 bmms (see module doc)."""
+
+    def supported_precision_types(self) -> list[ConfigPrecisionType]:
+        return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+    def get_node_and_deps(self, node: Node, ep: ExportedProgram) -> list[Node]:
+        if not int8_bmm(node):
+            return [node]  # what the fp32-only config returns
+        return super().get_node_and_deps(node, ep)
+
+
 class FastXnnpackPartitioner(XnnpackPartitioner):
-    """``XnnpackPartitioner`` with linear-time partition merging (see module doc)."""
+    """``XnnpackPartitioner`` with linear-time partition merging and int8 bmms (see
+    module doc)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        configs = [Int8BmmConfig if c is BMMConfig else c for c in ALL_PARTITIONER_CONFIGS]
+        super().__init__(configs=kwargs.pop("configs", configs), **kwargs)  # type: ignore[arg-type]
 
     def generate_partitions(self, ep: ExportedProgram) -> list[Partition]:
         if self.per_op_mode:

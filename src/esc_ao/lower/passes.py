@@ -14,6 +14,15 @@ edge dialect, into expand + view + bmm; XNNPACK has no expand, so every attentio
 the delegate (Whisper's encoder). Written as reshape -> bmm -> reshape up front, the
 expand (a no-op for equal batch shapes) never appears.
 
+``requantize_bmm_views``: an attention matmul quantized on both sides (inputs int8, output
+int8: EscQuantizer's ``attention="int8"`` on the XNNPACK target) reaches its dequantize and
+quantize nodes through views and transposes (reshape -> bmm -> reshape above, the heads'
+permutes). XNNPACK's static int8 batch matmul is only taken when the bmm reads dequantize
+nodes and writes a quantize node directly (esc_ao.lower.partition.Int8BmmConfig), so a
+quantize -> dequantize pair with the dequantize's own parameters goes after every such
+view: q(dq(x)) with equal parameters is x on the integer grid, so no value changes, and
+the views then move int8 data.
+
 ``store_conv_int4_as_int8``: XNNPACK packs a per-channel weight declared [-8, 7] as int4
 (qc4w), which it supports for linear weights only (2-D); a conv's 4-D weight fails the
 packing. Declaring conv weights' range as [-127, 127] keeps the same integer values
@@ -36,7 +45,13 @@ from torch.fx import GraphModule, Node
 
 from esc_ao.graph_prep import copy_debug_meta, tidy
 
-__all__ = ["decompose_layer_norm", "matmul_to_bmm", "prepare_for_xnnpack", "store_conv_int4_as_int8"]
+__all__ = [
+    "decompose_layer_norm",
+    "matmul_to_bmm",
+    "prepare_for_xnnpack",
+    "requantize_bmm_views",
+    "store_conv_int4_as_int8",
+]
 
 aten = torch.ops.aten
 
@@ -62,6 +77,7 @@ def prepare_for_xnnpack(gm: GraphModule) -> dict[str, int]:
     return {
         "layer_norm": decompose_layer_norm(gm),
         "matmul": matmul_to_bmm(gm),
+        "bmm_requantized_views": requantize_bmm_views(gm),
         "conv_int4_weights": store_conv_int4_as_int8(gm),
         "narrow_grids": clamp_narrow_grids(gm),
     }
@@ -188,3 +204,80 @@ def _between(start: Node, end: Node) -> list[Node]:
         out.append(cur)
         cur = cur.prev
     return out
+
+
+_Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
+_DQ = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+_VIEWS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+}
+
+
+def _is_view(node: object) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in _VIEWS
+
+
+def _views_up(x: object) -> tuple[list[Node], Node | None]:
+    """The views between an input and the dequantize it comes from (nearest the bmm
+    first), and that dequantize (None when the chain ends elsewhere)."""
+    chain: list[Node] = []
+    while _is_view(x):
+        assert isinstance(x, Node)
+        chain.append(x)
+        x = x.args[0]
+    return chain, x if isinstance(x, Node) and x.target == _DQ else None
+
+
+def _views_down(bmm: Node) -> tuple[list[Node], Node | None]:
+    """The single-user views from a bmm to the quantize it ends in, and that quantize."""
+    chain: list[Node] = []
+    cur = bmm
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if _is_view(user):
+            chain.append(user)
+            cur = user
+            continue
+        return chain, user if user.target == _Q else None
+    return chain, None
+
+
+def _requantize_after(gm: GraphModule, node: Node, params: tuple, user: Node) -> None:
+    g = gm.graph
+    with g.inserting_after(node):
+        q = g.call_function(_Q, (node, *params))
+    with g.inserting_after(q):
+        dq = g.call_function(_DQ, (q, *params))
+    user.replace_input_with(node, dq)
+
+
+def requantize_bmm_views(gm: GraphModule) -> int:
+    """Makes every bmm that is quantized on both sides read dequantize nodes and write a
+    quantize node directly; returns the number of quantize/dequantize pairs inserted."""
+    inserted = 0
+    for bmm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.bmm.default]:
+        ups = [_views_up(a) for a in bmm.args[:2]]
+        down, q = _views_down(bmm)
+        if q is None or any(dq is None for _, dq in ups):
+            continue  # not an integer matmul: left to XNNPACK's float bmm
+        for chain, dq in ups:
+            assert dq is not None
+            for i, view in enumerate(chain):
+                _requantize_after(gm, view, tuple(dq.args[1:]), chain[i - 1] if i else bmm)
+                inserted += 1
+        params = tuple(q.args[1:])
+        for node, user in zip([bmm, *down], down):  # every node before the last view
+            _requantize_after(gm, node, params, user)
+            inserted += 1
+    if inserted:
+        gm.graph.lint()
+        gm.recompile()
+    return inserted
