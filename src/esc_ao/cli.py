@@ -236,11 +236,13 @@ def _parser() -> argparse.ArgumentParser:
         "speed",
         help="float vs int8 vs 4-bit ExecuTorch XNNPACK programs: latency (native " "runner), size, peak memory",
     )
-    bs.add_argument("--models", nargs="+", default=["conformer", "whisper-encoder", "ast"])
+    bs.add_argument(
+        "--models", nargs="+", default=["conformer", "whisper-encoder", "whisper-base-encoder", "ast", "linear-stack"]
+    )
     bs.add_argument(
         "--variants",
         nargs="+",
-        default=["float", "int8", "int8-default", "w4a4", "w4-dyn", "8da8w", "8da4w"],
+        default=["float", "int8", "int8-default", "int8-qk8", "int8-att8", "w4a4", "w4-dyn", "8da8w", "8da4w"],
         help="programs to time (esc_ao.bench.speed names each)",
     )
     bs.add_argument("--runs", type=int, default=20)

@@ -20,6 +20,8 @@ Variants:
 * ``int8-default``: what ``esc-ao quantize`` writes at W8A8 (esc_ao.recipe.main_job_recipe:
   smoothing, the residual stream float with the linears writing it as dynamic int8 GEMMs),
   MSE scales (ESC's search changes scales, not the program's ops or speed).
+* ``int8-qk8`` / ``int8-att8``: ``int8-default`` with the attention scores matmul / both
+  attention matmuls as XNNPACK's int8 batch matmul (recipe flags +qk8 / +att8).
 * ``w4a4``: the ``int8`` program with 4-bit grids: weights in [-8, 7] and activations in
   [-8, 7], run by the int8 kernels (XNNPACK has no 4-bit activation type).
 * ``w4-dyn``: int4 per-channel weights with dynamic int8 activations (XNNPACK qd8-qc4w
@@ -32,6 +34,7 @@ Variants:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -40,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from esc_ao.annotators import AttentionMatmuls
 from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.machine import cpu_features, describe_cpu
 from esc_ao.bench.op_profile import CATEGORIES, profile_pte
@@ -47,7 +51,9 @@ from esc_ao.lower.executorch import LoweringError
 
 __all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
 
-VARIANTS = ("float", "int8", "int8-default", "w4a4", "w4-dyn", "8da8w", "8da4w")
+VARIANTS = ("float", "int8", "int8-default", "int8-qk8", "int8-att8", "w4a4", "w4-dyn", "8da8w", "8da4w")
+# variant -> Recipe.attention
+_ATTENTION: dict[str, AttentionMatmuls] = {"int8-default": "float", "int8-qk8": "scores", "int8-att8": "int8"}
 _TORCHAO_DYNAMIC = {"8da8w": "w8a8", "8da4w": "w4a8"}  # variant -> esc_ao.bench.dynamic bits
 
 
@@ -121,11 +127,12 @@ def _quantized(model: torch.nn.Module, batches: list[tuple], variant: str) -> to
         from esc_ao.bench.dynamic import quantize_linears
 
         return quantize_linears(copy.deepcopy(model), _TORCHAO_DYNAMIC[variant])
-    if variant == "int8-default":
+    if variant in _ATTENTION:
         from esc_ao.recipe import main_job_recipe
 
         config = QuantConfig(weight_bits=8, act_bits=8, method="mse")
-        return convert(main_job_recipe("xnnpack", 8).prepare(export_model(model, batches[0]), batches, config).model)
+        recipe = dataclasses.replace(main_job_recipe("xnnpack", 8), attention=_ATTENTION[variant])
+        return convert(recipe.prepare(export_model(model, batches[0]), batches, config).model)
     if variant == "w4-dyn":
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
