@@ -41,3 +41,21 @@ def test_measuring_one_model_keeps_the_others(tmp_path: Path, monkeypatch) -> No
     assert rows[1]["machine"] == "new CPU (avx512_vnni), 2 cores" and rows[1]["rounds"] == 2
     md = (tmp_path / "speed.md").read_text()
     assert "machine: old CPU, 2 cores" in md and "--models whisper-encoder --runs 5 --rounds 2" in md
+
+
+def test_threads_slower_programs_and_profiles_are_in_the_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(speed, "describe_cpu", lambda: "CPU (avx512_vnni), 2 cores")
+    profile = {
+        "total_ms": 10.0,
+        "categories_ms": {"int8 gemm": 6.0, "float gemm": 0.0, "convert": 1.0, "other xnnpack": 2.5, "outside": 0.5},
+        "kinds_ms": {"Fully Connected (NC, QS8, QC8W) GEMM": 6.0, "Softmax (NC, F32)": 2.5},
+        "calls": {},
+    }
+    fast = {**_row("ast", "int8", 5.0), "threads": 1, "speedup_vs_float": 2.0, "profile": profile}
+    slow = {**_row("ast", "w4a4", 12.0), "threads": 2, "speedup_vs_float": 0.83}
+    speed._write([fast, slow], 5, 2, tmp_path)
+    md = (tmp_path / "speed.md").read_text()
+    assert "--threads 1 2`; machine: CPU (avx512_vnni), 2 cores" in md
+    assert "| int8 | 1 | 5.0 |" in md and "| 2.0x |" in md
+    assert "| w4a4 | 2 | 12.0 |" in md and "0.83x **slower**" in md
+    assert "| int8 | 10.0 | 60 | 0 | 10 | 25 | 5 | Fully Connected (NC, QS8, QC8W) GEMM 6.0; Softmax (NC, F32) 2.5 |" in md
