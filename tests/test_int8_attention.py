@@ -110,6 +110,7 @@ def test_xnnpack_runs_the_integer_bmms(tmp_path, attention: str, int8_bmms: int)
     model, graph, example = _converted(attention)
     result = to_executorch(graph, example, tmp_path / "a.pte", reference=model)
     assert result.sqnr_db > 30  # the program computes the graph it came from
+    assert result.coverage.integer.get("bmm", 0) == int8_bmms
     calls = profile_pte(result.path, example, runs=1).calls
     assert _bmms(calls, "QS8") == int8_bmms
     assert _bmms(calls, "F32") == 2 - int8_bmms

@@ -5,7 +5,9 @@ An op inside the delegate counts as an integer kernel when XNNPACK fuses it with
 quantize/dequantize nodes around it: every tensor input comes from a dequantize node and
 every user is a quantize node and XNNPACK has a qs8 kernel for it (``_QS8``),
 or it is a GEMM (linear/conv/mm) whose input and weight both come from dequantize nodes
-and whose output is float: XNNPACK's dynamic-activation qd8 kernels (int8 x int8/int4).
+and whose output is float: XNNPACK's dynamic-activation qd8 kernels (int8 x int8/int4),
+or a bmm that esc_ao's partitioner delegates as XNNPACK's int8 batch matmul
+(esc_ao.lower.partition.int8_bmm).
 Quantize/dequantize nodes themselves are conversions; views and permutes move data.
 """
 
@@ -19,6 +21,8 @@ from typing import Iterator
 
 import torch
 from torch.fx import GraphModule, Node
+
+from esc_ao.lower.partition import int8_bmm
 
 __all__ = ["Coverage", "collect_reasons", "op_coverage"]
 
@@ -114,6 +118,7 @@ def _classify_delegated(gm: GraphModule, cov: Coverage) -> None:
             acts = [a for a in tensors if a.op == "call_function"]
             from_dq = bool(acts) and all(_is(a, _DEQUANT) for a in acts)
             static = from_dq and name in _QS8 and bool(node.users) and all(_is(u, _QUANT) for u in node.users)
+            static = static or (name == "bmm" and int8_bmm(node))
             dynamic = from_dq and name in _GEMMS and len(acts) >= 2
             (cov.integer if static or dynamic else cov.float_delegated)[name] += 1
 
