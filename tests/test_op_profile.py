@@ -20,6 +20,8 @@ from esc_ao.lower import to_executorch
         ("Fully Connected (NC, F32) GEMM #3", "Fully Connected (NC, F32) GEMM", "float gemm"),
         ("Batch Matrix Multiply (NC, F32) #2", "Batch Matrix Multiply (NC, F32)", "float gemm"),
         ("Convolution (NHWC, QS8, QC8W) IGEMM #1", "Convolution (NHWC, QS8, QC8W) IGEMM", "int8 gemm"),
+        ("Convolution (NHWC, QC8) IGEMM #2", "Convolution (NHWC, QC8) IGEMM", "int8 gemm"),
+        ("Convolution (NHWC, F32) IGEMM #2", "Convolution (NHWC, F32) IGEMM", "float gemm"),
         ("Convert (NC, F32, QS8) #40", "Convert (NC, F32, QS8)", "convert"),
         ("Softmax (NC, F32) #1", "Softmax (NC, F32)", "other xnnpack"),
     ],

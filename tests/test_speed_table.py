@@ -48,7 +48,11 @@ def test_threads_slower_programs_and_profiles_are_in_the_table(tmp_path: Path, m
     profile = {
         "total_ms": 10.0,
         "categories_ms": {"int8 gemm": 6.0, "float gemm": 0.0, "convert": 1.0, "other xnnpack": 2.5, "outside": 0.5},
-        "kinds_ms": {"Fully Connected (NC, QS8, QC8W) GEMM": 6.0, "Softmax (NC, F32)": 2.5},
+        "kinds_ms": {
+            "Fully Connected (NC, QS8, QC8W) GEMM": 6.0,
+            "Softmax (NC, F32)": 2.5,
+            "Convert (NC, F32, QS8)": 1.0,
+        },
         "calls": {},
     }
     fast = {**_row("ast", "int8", 5.0), "threads": 1, "speedup_vs_float": 2.0, "profile": profile}

@@ -24,11 +24,14 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CATEGORIES", "OpProfile", "category", "op_kind", "profile_pte"]
+__all__ = ["CATEGORIES", "OpProfile", "categorize", "category", "op_kind", "profile_pte"]
 
 CATEGORIES = ("int8 gemm", "float gemm", "convert", "other xnnpack", "outside")
 _GEMMS = ("Fully Connected", "Convolution", "Batch Matrix Multiply", "Deconvolution")
-_INTEGER = re.compile(r"\b(QS8|QU8|QD8|QDU8|QP8|QC8W|QC4W|QB4W)\b")
+# XNNPACK's names: QS8/QU8 static int8 activations, QD8/QDU8/QP8 dynamic ones, QC8W/QC4W/QB4W
+# int8/int4 weights; "QC8" alone is its older name for qs8 activations with per-channel
+# int8 weights (convolutions).
+_INTEGER = re.compile(r"\b(QS8|QU8|QD8|QDU8|QP8|QC8|QC8W|QC4W|QB4W)\b")
 _CALL = re.compile(r"\s+#\d+$")
 _DELEGATE = "DELEGATE_CALL"
 _EXECUTE = "Method::execute"
@@ -59,11 +62,7 @@ class OpProfile:
 
     @property
     def categories(self) -> dict[str, float]:
-        out = dict.fromkeys(CATEGORIES, 0.0)
-        for kind, ms in self.kinds.items():
-            out[category(kind)] += ms
-        out["outside"] = max(0.0, self.total_ms - sum(self.kinds.values()))
-        return out
+        return categorize(self.kinds, self.total_ms)
 
     def shares(self) -> dict[str, float]:
         """Each category's share of the method's time, in percent."""
@@ -79,6 +78,15 @@ class OpProfile:
             "kinds_ms": {k: round(v, 3) for k, v in sorted(self.kinds.items(), key=lambda kv: -kv[1])},
             "calls": self.calls,
         }
+
+
+def categorize(kinds: dict[str, float], total_ms: float) -> dict[str, float]:
+    """Milliseconds per category of CATEGORIES from per-kind milliseconds."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for kind, ms in kinds.items():
+        out[category(kind)] += ms
+    out["outside"] = max(0.0, total_ms - sum(kinds.values()))
+    return out
 
 
 def profile_pte(pte: str | Path, inputs: Sequence[torch.Tensor], runs: int = 5, threads: int = 1) -> OpProfile:

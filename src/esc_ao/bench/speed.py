@@ -46,10 +46,10 @@ import torch
 from esc_ao.annotators import AttentionMatmuls
 from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.machine import cpu_features, describe_cpu
-from esc_ao.bench.op_profile import CATEGORIES, profile_pte
+from esc_ao.bench.op_profile import CATEGORIES, categorize, profile_pte
 from esc_ao.lower.executorch import LoweringError
 
-__all__ = ["MODELS", "VARIANTS", "run_speed_bench"]
+__all__ = ["MODELS", "VARIANTS", "render", "run_speed_bench"]
 
 VARIANTS = ("float", "int8", "int8-default", "int8-qk8", "int8-att8", "w4a4", "w4-dyn", "8da8w", "8da4w")
 # variant -> Recipe.attention
@@ -316,6 +316,13 @@ def _write(rows: list[dict[str, Any]], runs: int, rounds: int, out_dir: Path) ->
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "speed.json", {"meta": meta, "rows": rows})
+    render(out_dir)
+
+
+def render(out_dir: Path) -> None:
+    """Writes ``speed.md`` from ``speed.json`` in ``out_dir``."""
+    saved = json.loads((out_dir / "speed.json").read_text())
+    meta, rows = saved["meta"], saved["rows"]
     lines = [
         "# ExecuTorch XNNPACK speed: float vs integer programs",
         "",
@@ -384,7 +391,8 @@ def _section(model: str, mrows: list[dict[str, Any]]) -> list[str]:
         for r in profiled:
             p = r["profile"]
             total = p["total_ms"]
-            shares = " | ".join(f"{100 * p['categories_ms'][c] / total:.0f}" for c in CATEGORIES)
+            cats = categorize(p["kinds_ms"], total)  # from the kinds: the categories' rules may be newer
+            shares = " | ".join(f"{100 * cats[c] / total:.0f}" for c in CATEGORIES)
             top = "; ".join(f"{k} {v:.1f}" for k, v in list(p["kinds_ms"].items())[:4])
             lines.append(f"| {r['variant']} | {total:.1f} | {shares} | {top} |")
     lines.append("")
