@@ -63,4 +63,4 @@ def test_threads_slower_programs_and_profiles_are_in_the_table(tmp_path: Path, m
     assert "| int8 | 1 | 5.0 |" in md and "| 2.0x |" in md
     assert "| w4a4 | 2 | 12.0 |" in md and "0.83x **slower**" in md
     shares = "| int8 | 10.0 | 60 | 0 | 10 | 25 | 5 |"
-    assert f"{shares} Fully Connected (NC, QS8, QC8W) GEMM 6.0; Softmax (NC, F32) 2.5 |" in md
+    assert f"{shares} Fully Connected (NC, QS8, QC8W) GEMM 6.0; Softmax (NC, F32) 2.5; Convert" in md
