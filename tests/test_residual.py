@@ -173,5 +173,5 @@ def test_int16_attention_probabilities_take_a_16_bit_grid_and_help_long_attentio
 def test_bad_attention_probability_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="attention_probs='int4'"):
         EscQuantizer(QuantConfig(), attention_probs="int4")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="XNNPACK runs the attention matmuls in float"):
+    with pytest.raises(ValueError, match="XNNPACK has no 16-bit kernels"):
         EscQuantizer(QuantConfig(), target="xnnpack", attention_probs="int16")

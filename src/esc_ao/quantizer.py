@@ -189,8 +189,8 @@ class EscQuantizer(Quantizer):
             raise ValueError(f"attention_probs={attention_probs!r} is not one of int8, int16")
         if attention_probs == "int16" and target == "xnnpack":
             raise ValueError(
-                "attention_probs='int16' on target='xnnpack': XNNPACK runs the attention matmuls in "
-                "float already; use the reference target"
+                "attention_probs='int16' on target='xnnpack': XNNPACK has no 16-bit kernels (its attention "
+                "matmuls run in float, or int8 with attention='scores'/'int8'); use the reference target"
             )
         if attention not in ATTENTION_MATMULS:
             raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION_MATMULS)}")

@@ -122,8 +122,8 @@ class Recipe:
         # the same checks EscQuantizer makes, at the place the recipe is written
         if self.probs16 and self.target == "xnnpack":
             raise ValueError(
-                "attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK runs "
-                "the attention matmuls in float already; drop +p16 or use the reference target"
+                "attention probabilities on a 16-bit grid (+p16) on the XNNPACK target: XNNPACK has no "
+                "16-bit kernels; drop +p16 or use the reference target"
             )
         if self.attention != "float" and self.target != "xnnpack":
             raise ValueError(
