@@ -47,7 +47,6 @@ def test_threads_slower_programs_and_profiles_are_in_the_table(tmp_path: Path, m
     monkeypatch.setattr(speed, "describe_cpu", lambda: "CPU (avx512_vnni), 2 cores")
     profile = {
         "total_ms": 10.0,
-        "categories_ms": {"int8 gemm": 6.0, "float gemm": 0.0, "convert": 1.0, "other xnnpack": 2.5, "outside": 0.5},
         "kinds_ms": {
             "Fully Connected (NC, QS8, QC8W) GEMM": 6.0,
             "Softmax (NC, F32)": 2.5,

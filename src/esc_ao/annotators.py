@@ -24,7 +24,7 @@ Two targets (``TARGETS``):
   in float only, so the attention matmuls are left float (quantizing their inputs would
   add error and two conversions each, for no integer kernel), and LayerNorm, which runs
   as float ops, gets only its output quantized (its input is already the int8 output of
-  a residual add). ``INT8_BMM_POLICY`` (EscQuantizer's ``int8_attention``) instead gives
+  a residual add). ``INT8_BMM_POLICY`` (EscQuantizer's ``attention``) instead gives
   the attention matmuls int8 inputs and outputs, which XNNPACK's own static int8 batch
   matmul runs when esc_ao.lower's partitioner delegates it.
 """
@@ -207,7 +207,7 @@ POLICY: dict[tuple[str, str], Policy] = {
     # LayerNorm runs as float ops; its input is already the int8 output of a residual add
     ("xnnpack", "norm"): Policy(False, True, "per-tensor output"),
 }
-# The XNNPACK target's attention matmuls with EscQuantizer(int8_attention=True).
+# The XNNPACK target's attention matmuls that EscQuantizer's ``attention`` makes integer.
 INT8_BMM_POLICY = Policy(True, True, "per-tensor inputs and output (XNNPACK's int8 batch matmul)")
 
 

@@ -127,8 +127,9 @@ class Recipe:
             )
         if self.attention != "float" and self.target != "xnnpack":
             raise ValueError(
-                f"attention matmuls {self.attention!r} (+qk8/+att8) pick XNNPACK's int8 batch matmul: they "
-                "need the XNNPACK target (+xnn); the reference target quantizes attention inputs already"
+                f"attention matmuls {self.attention!r} (--attention, recipe +qk8/+att8) pick XNNPACK's int8 batch "
+                "matmul: they need the XNNPACK target (--target xnnpack, recipe +xnn); the reference target "
+                "quantizes attention inputs already"
             )
         if self.residual == "int16" and self.target == "xnnpack":
             raise ValueError(

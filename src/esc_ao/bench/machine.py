@@ -42,18 +42,19 @@ def cpu_features() -> list[str]:
     return []
 
 
+def _cpu() -> str:
+    """'x86_64 AMD EPYC (avx512_vnni)'."""
+    features = ", ".join(cpu_features()) or "no int8 dot-product"
+    return f"{platform.machine()} {cpu_name()} ({features})"
+
+
 def describe_cpu() -> str:
     """'x86_64 AMD EPYC (avx512_vnni), 2 cores': the machine a speed row ran on (each row
     names its own thread count)."""
-    features = ", ".join(cpu_features()) or "no int8 dot-product"
-    return f"{platform.machine()} {cpu_name()} ({features}), {os.cpu_count()} cores"
+    return f"{_cpu()}, {os.cpu_count()} cores"
 
 
 def describe() -> str:
     """'x86_64 AMD EPYC (avx512_vnni), 1 threads, torch 2.14.1+cu130': the machine and
     PyTorch's thread count, beside an accuracy cell."""
-    features = ", ".join(cpu_features()) or "no int8 dot-product"
-    return (
-        f"{platform.machine()} {cpu_name()} ({features}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
+    return f"{_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -33,7 +33,6 @@ _GEMMS = ("Fully Connected", "Convolution", "Batch Matrix Multiply", "Deconvolut
 # int8 weights (convolutions).
 _INTEGER = re.compile(r"\b(QS8|QU8|QD8|QDU8|QP8|QC8|QC8W|QC4W|QB4W)\b")
 _CALL = re.compile(r"\s+#\d+$")
-_DELEGATE = "DELEGATE_CALL"
 _EXECUTE = "Method::execute"
 
 
@@ -74,7 +73,6 @@ class OpProfile:
     def as_dict(self) -> dict[str, object]:
         return {
             "total_ms": round(self.total_ms, 3),
-            "categories_ms": {c: round(v, 3) for c, v in self.categories.items()},
             "kinds_ms": {k: round(v, 3) for k, v in sorted(self.kinds.items(), key=lambda kv: -kv[1])},
             "calls": self.calls,
         }

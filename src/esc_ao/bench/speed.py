@@ -208,8 +208,9 @@ def run_speed_bench(
     threads: Sequence[int] = (1, 2),
     profile_runs: int = 5,
 ) -> list[dict[str, Any]]:
-    """Lowers (or with ``reuse``, reloads) every program, times them all at each thread
-    count, then profiles each on one thread (``profile_runs`` 0: no profile).
+    """Lowers (or with ``reuse``, reloads) every program, profiles each on one thread
+    (``profile_runs`` 0: no profile), then times them all at each thread count; the
+    profiles go with the rows of the first thread count.
 
     ``lower_only`` stops after lowering: timing is best done later on an idle machine
     with ``reuse``, since lowering is CPU-heavy and noisy neighbours skew latencies."""
@@ -235,7 +236,8 @@ def run_speed_bench(
         ok = [v for v in variants if v not in failed]
         profiles = {v: _profile(lowered[v]["pte"], example, profile_runs) for v in ok} if profile_runs else {}
         for n in threads:
-            rows += _timed(name, example, {v: lowered[v] for v in ok}, runs, rounds, n, profiles if n == 1 else {})
+            rows += _timed(name, example, {v: lowered[v] for v in ok}, runs, rounds, n, profiles)
+            profiles = {}  # one copy of each profile, with the first thread count's rows
     _write(rows, runs, rounds, out_dir)
     return rows
 
