@@ -294,6 +294,21 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument(
         "--prune", action="store_true", help="delete the cells of older keys (the table never shows them), then render"
     )
+    bn = bsub.add_parser(
+        "npu",
+        help="the speech models on an Arm Ethos-U NPU: Arm's quantizer with Arm / MSE / ESC calibration, "
+        "Vela's figures, accuracy of the TOSA program on the TOSA reference model",
+    )
+    bn.add_argument("--models", nargs="+", default=["ast", "conformer-ctc"], choices=["ast", "conformer-ctc"])
+    bn.add_argument("--methods", nargs="+", default=["arm", "mse", "esc"], choices=["arm", "mse", "esc"])
+    bn.add_argument("--target", default="ethos-u85-256", help="the Vela accelerator lowered for")
+    bn.add_argument("--calib-samples", type=int, default=100)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument(
+        "--tosa-limit", type=int, default=None, help="score the TOSA program on the first N test inputs (default: all)"
+    )
+    bn.add_argument("--out", type=Path, default=Path("docs/results"))
+    bn.add_argument("--work", type=Path, default=Path("esc_ao_out/npu"), help="where the programs go")
     c = sub.add_parser(
         "corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)"
     )
@@ -306,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         (bq, _search_bench),
         (bs, _speed_bench),
         (ba, _accuracy_bench),
+        (bn, _npu_bench),
         (c, _corpus),
     ):
         parser.set_defaults(func=command)
@@ -551,6 +567,35 @@ def _speed_bench(args: argparse.Namespace) -> int:
         args.lower_only,
         threads=args.threads,
         profile_runs=args.profile_runs,
+    )
+    return 0
+
+
+def _npu_bench(args: argparse.Namespace) -> int:
+    from esc_ao.bench.npu import run_npu_bench
+    from esc_ao.lower.ethosu import check_accelerator
+
+    try:
+        check_accelerator(args.target)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    if args.tosa_limit is not None and args.tosa_limit < 1:
+        raise UsageError(f"--tosa-limit {args.tosa_limit}: give a positive count, or leave it out to score all")
+    command = " ".join(
+        ["esc-ao bench npu", "--models", *args.models, "--methods", *args.methods, "--target", args.target]
+    )
+    if args.tosa_limit is not None:
+        command += f" --tosa-limit {args.tosa_limit}"
+    run_npu_bench(
+        args.models,
+        args.methods,
+        args.target,
+        args.out,
+        args.work,
+        args.calib_samples,
+        args.seed,
+        args.tosa_limit,
+        command,
     )
     return 0
 

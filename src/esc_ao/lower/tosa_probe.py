@@ -1,0 +1,308 @@
+"""Op by op: where a TOSA program's integers part from the PT2E graph it was lowered from.
+
+The output check (esc_ao.lower.ethosu.check_on_tosa) compares only the program's output.
+Through a deep network, one LSB of rounding difference per op (TOSA rescales with an integer
+multiplier and shift; the PT2E graph computes in float and rounds once) can grow to several
+LSB at the output. To tell that from an op that is wrong, every quantized tensor of the
+graph becomes an output of the lowered program (a copy of its dequantize outside the
+delegate, so the program's integer ops are the same), the TOSA reference model runs it
+once, and the PT2E graph is replayed with each quantized tensor replaced by the TOSA
+program's value as soon as it is computed:
+
+- the **accumulated** difference of a tensor: the graph run on its own against the program;
+- the **own** difference of the op (chain) that writes it: the graph fed the program's own
+  inputs for that op, so only that op's arithmetic differs.
+
+Vela is not run (the TOSA program is what the reference model executes); the probed
+program is never written as a deliverable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from esc_ao.lower.executorch import LoweringError
+
+__all__ = ["OpDiff", "ProbeReport", "probe_markdown", "probe_on_tosa"]
+
+_Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
+_DQ = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+
+@dataclass(frozen=True)
+class OpDiff:
+    """One quantized tensor: the op that writes it, its own and accumulated difference
+    (TOSA program minus PT2E graph, in LSB of the tensor's grid; int16 tensors on the int8
+    grid the same range would have)."""
+
+    node: str  # the graph's quantize node
+    op: str  # the op whose output it quantizes
+    elements: int
+    own_max_lsb: int
+    own_off: float  # fraction of elements more than `tolerance` LSB apart, own
+    acc_mean_lsb: float
+    acc_max_lsb: int
+    acc_off: float
+
+
+@dataclass
+class ProbeReport:
+    ops: list[OpDiff]
+    tolerance: int
+    lower_seconds: float
+    run_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "by_op": self.by_op()}
+
+    def faulty(self) -> list[OpDiff]:
+        """Ops whose own arithmetic, fed the program's inputs, is off by more than the
+        tolerance anywhere."""
+        return [o for o in self.ops if o.own_max_lsb > self.tolerance]
+
+    def by_op(self) -> list[dict[str, Any]]:
+        """Per op kind: how many tensors, the largest own difference, the fraction of
+        elements off by more than the tolerance (own / accumulated, element-weighted)."""
+        groups: dict[str, list[OpDiff]] = defaultdict(list)
+        for o in self.ops:
+            groups[o.op].append(o)
+        rows = []
+        for op, items in groups.items():
+            n = sum(o.elements for o in items)
+            rows.append(
+                {
+                    "op": op,
+                    "tensors": len(items),
+                    "own_max_lsb": max(o.own_max_lsb for o in items),
+                    "own_off": sum(o.own_off * o.elements for o in items) / n,
+                    "acc_max_lsb": max(o.acc_max_lsb for o in items),
+                    "acc_off": sum(o.acc_off * o.elements for o in items) / n,
+                }
+            )
+        return sorted(rows, key=lambda r: (-r["own_max_lsb"], -r["acc_off"]))
+
+
+def _duplicates(gm: GraphModule) -> set[Node]:
+    """Nodes that repeat an earlier node's computation (same op on the same values): the
+    backend merges them (FuseDuplicateUsersPass), so the program has one tensor for both."""
+    from esc_ao.lower.ethosu import _freeze
+
+    canon: dict[Node, Node] = {}
+    seen: dict[Any, Node] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        twin = seen.setdefault((n.target, _freeze(n.args, canon), _freeze(n.kwargs, canon)), n)
+        if twin is not n:
+            canon[n] = twin
+    return set(canon)
+
+
+def _probe_nodes(gm: GraphModule) -> list[Node]:
+    """Every quantize node inside what the delegate will hold that the input reaches: not
+    the one quantizing the input itself (the program's interface), nor those of constants
+    (LayerNorm's affine, folded tables), which the backend emits in an order of its own and
+    which cannot differ, nor repeats of an earlier one (the backend keeps one tensor)."""
+    live: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in live for a in n.all_input_nodes):
+            live.add(n)
+    repeats = _duplicates(gm)
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target == _Q
+        and n in live
+        and n not in repeats
+        and not (isinstance(n.args[0], Node) and n.args[0].op == "placeholder")
+    ]
+
+
+def _with_probe_outputs(converted: GraphModule) -> tuple[GraphModule, list[str]]:
+    """A copy of ``converted`` whose outputs are its own followed by every probed quantize
+    node's value, each through a dequantize of its own (outside the delegate: the delegate
+    then outputs the integer tensor, and its ops are unchanged)."""
+    gm = copy.deepcopy(converted)
+    probes = _probe_nodes(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    extra = []
+    for q in probes:
+        reader = next((u for u in q.users if u.target == _DQ), None)
+        if reader is None:
+            raise LoweringError(f"quantize node {q.name} has no dequantize reader: not a converted PT2E graph")
+        with gm.graph.inserting_after(reader):
+            dq = gm.graph.call_function(_DQ, reader.args, reader.kwargs)
+        dq.meta = dict(reader.meta)
+        extra.append(dq)
+    own = out.args[0]
+    own_list = list(own) if isinstance(own, (tuple, list)) else [own]
+    out.args = ((*own_list, *extra),)
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # a flat tuple, not the original pytree
+    gm.recompile()
+    return gm, [q.name for q in probes]
+
+
+@contextlib.contextmanager
+def _tosa_only() -> Iterator[list[bytes]]:
+    """Collects each delegate's TOSA flatbuffer in place of compiling it with Vela."""
+    import executorch.backends.arm.ethosu.backend as backend
+    from executorch.backends.arm.arm_vela import VelaCompileResult
+
+    original = backend.vela_compile
+    saved: list[bytes] = []
+
+    def keep(tosa: bytes, *args: Any, **kwargs: Any) -> Any:
+        saved.append(tosa)
+        return VelaCompileResult(processed_bytes=b"", external_blocks=[])
+
+    backend.vela_compile = keep
+    try:
+        yield saved
+    finally:
+        backend.vela_compile = original
+
+
+def _lower_to_tosa(gm: GraphModule, example: tuple[torch.Tensor, ...], target: str) -> bytes:
+    from executorch.backends.arm.ethosu import EthosUPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from esc_ao.lower.ethosu import compile_spec
+
+    with _tosa_only() as saved:
+        to_edge_transform_and_lower(
+            torch.export.export(gm, example),
+            partitioner=[EthosUPartitioner(compile_spec(target))],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
+    if len(saved) != 1:
+        raise LoweringError(f"the probed program has {len(saved)} NPU delegates: the op probe needs exactly one")
+    return saved[0]
+
+
+class _Replay(Interpreter):
+    """Runs the graph; with ``program`` given, each probed quantize node's result is
+    compared with the program's value and replaced by it."""
+
+    def __init__(self, gm: GraphModule, program: dict[str, torch.Tensor] | None) -> None:
+        super().__init__(gm)
+        self.program = program
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if n.op == "call_function" and n.target == _Q and (self.program is None or n.name in self.program):
+            self.values[n.name] = result
+            if self.program is not None:
+                return self.program[n.name].reshape(result.shape).to(result.dtype)
+        return result
+
+
+def _op_name(src: Any) -> str:
+    """ "add" for aten.add.Tensor; the node's kind for placeholders and constants."""
+    if not isinstance(src, Node):
+        return type(src).__name__
+    if src.op != "call_function":
+        return src.op
+    target = src.target
+    return str(getattr(target, "_opname", None) or getattr(target, "__name__", None) or target)
+
+
+def _lsb(a: torch.Tensor, b: torch.Tensor, per_lsb: int) -> torch.Tensor:
+    return (a.to(torch.int64) - b.to(torch.int64)).abs() // per_lsb
+
+
+def probe_on_tosa(
+    converted: GraphModule, example: tuple[torch.Tensor, ...], target: str, tolerance: int = 2
+) -> ProbeReport:
+    """Lowers ``converted`` (a graph prepared by esc_ao.lower.ethosu.prepare_ethosu and
+    converted) to one TOSA program with every quantized tensor as an output, runs it on the
+    TOSA reference model with ``example`` and returns each tensor's own and accumulated
+    difference from the graph."""
+    import tosa_reference_model as trm
+
+    from esc_ao.lower.ethosu import _edge_qparams, _require
+
+    _require()
+    t0 = time.perf_counter()
+    probed, names = _with_probe_outputs(converted)
+    tosa = _lower_to_tosa(probed, example, target)
+    lower_s = time.perf_counter() - t0
+    (in_s, in_zp, qmin, qmax), _ = _edge_qparams(converted)
+    dtype = np.int16 if qmax > 127 else np.int8
+    xq = torch.clamp(torch.round(example[0] / in_s) + in_zp, qmin, qmax).to(torch.int64).numpy().astype(dtype)
+    t1 = time.perf_counter()
+    outs, status = trm.run(tosa, [xq])
+    run_s = time.perf_counter() - t1
+    if "VALID" not in str(status):
+        raise LoweringError(f"the TOSA reference model refused the probed program: {status}")
+    with torch.no_grad():
+        plain = _Replay(converted, None)
+        plain.run(*example)
+    # The delegate's outputs come in graph order: the probed tensors, and the graph's own
+    # output's quantize (the last op) after them.
+    order = [n.name for n in converted.graph.nodes if n.name in set(names)]
+    if len(outs) < len(order):
+        raise LoweringError(f"the probed program has {len(outs)} outputs for {len(order)} probed tensors")
+    program: dict[str, torch.Tensor] = {}
+    for name, arr in zip(order, outs):
+        ref = plain.values[name]
+        if arr.size != ref.numel():
+            raise LoweringError(f"probed output for {name} has {arr.size} elements, the graph's {ref.numel()}")
+        program[name] = torch.from_numpy(arr.astype(np.int64)).reshape(ref.shape)
+    with torch.no_grad():
+        replay = _Replay(converted, program)
+        replay.run(*example)
+    nodes = {n.name: n for n in converted.graph.nodes}
+    rows = []
+    for name in order:
+        q = nodes[name]
+        per_lsb = 256 if int(q.args[4]) > 127 else 1
+        own = _lsb(replay.values[name], program[name], per_lsb)
+        acc = _lsb(plain.values[name], program[name], per_lsb)
+        src = q.args[0]
+        rows.append(
+            OpDiff(
+                node=name,
+                op=_op_name(src),
+                elements=own.numel(),
+                own_max_lsb=int(own.max()),
+                own_off=float((own > tolerance).float().mean()),
+                acc_mean_lsb=float(acc.float().mean()),
+                acc_max_lsb=int(acc.max()),
+                acc_off=float((acc > tolerance).float().mean()),
+            )
+        )
+    return ProbeReport(rows, tolerance, round(lower_s, 1), round(run_s, 2))
+
+
+def probe_markdown(report: ProbeReport, limit: int = 12) -> str:
+    """The per-op-kind table and the tensors that differ most on their own."""
+    lines = [
+        f"Own: the op fed the TOSA program's own inputs; accumulated: the graph run on its own. "
+        f"Off: elements more than {report.tolerance} LSB apart.",
+        "",
+        "| op | tensors | own max LSB | own off % | accumulated max LSB | accumulated off % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report.by_op():
+        lines.append(
+            f"| {r['op']} | {r['tensors']} | {r['own_max_lsb']} | {100 * r['own_off']:.3f} | "
+            f"{r['acc_max_lsb']} | {100 * r['acc_off']:.2f} |"
+        )
+    worst = sorted(report.ops, key=lambda o: (-o.own_max_lsb, -o.own_off))[:limit]
+    lines += ["", "| tensor | op | own max LSB | own off % | accumulated mean / max LSB |", "|---|---|---|---|---|"]
+    for o in worst:
+        lines.append(
+            f"| {o.node} | {o.op} | {o.own_max_lsb} | {100 * o.own_off:.3f} | {o.acc_mean_lsb:.2f} / {o.acc_max_lsb} |"
+        )
+    return "\n".join(lines) + "\n"
