@@ -18,6 +18,8 @@ from esc_ao import SearchConfig, calibrate
 from esc_ao.cli import main
 from esc_ao.lower.ethosu import (
     MAX_LSB,
+    TosaCheck,
+    _refusal,
     accelerators,
     check_accelerator,
     lower_ethosu,
@@ -180,3 +182,17 @@ def test_bad_npu_requests_are_usage_errors(tmp_path: Path, capsys) -> None:
     assert "--a16w8 is for Ethos-U targets" in capsys.readouterr().err
     assert main(["quantize", "--target", "npu", "--out", str(tmp_path)]) == 2
     assert "use reference, xnnpack or an Ethos-U accelerator" in capsys.readouterr().err
+
+
+def _check(off: float, tosa_db: float | None, graph_db: float | None) -> TosaCheck:
+    return TosaCheck({"0": 10, "1": 5, "2": 1, ">2": 2}, 5, off, 30.0, tosa_db, graph_db, 1.0)
+
+
+def test_a_program_is_refused_for_lost_accuracy_not_for_rounding_that_accumulates() -> None:
+    # as close to float as the graph: written, however many LSB the rounding accumulated
+    assert _refusal(_check(0.2, 14.9, 15.0), 3.0) == ""
+    lost = _refusal(_check(0.0, 10.0, 15.0), 3.0)
+    assert "10.00 dB from float where the converted graph is 15.00 dB" in lost
+    # without the float model, the LSB rule decides
+    assert _refusal(_check(1e-4, None, None), 3.0) == ""
+    assert "more than 2 LSB on 1.00 %" in _refusal(_check(0.01, None, None), 3.0)

@@ -158,6 +158,7 @@ def _ethosu_lines(npu: dict[str, Any]) -> list[str]:
         ]
     else:
         lines += ["", f"TOSA reference model: not run ({npu.get('check_skipped', '')})."]
+    lines += [f"Note: {n}." for n in npu.get("notes", [])]
     if npu.get("sweep"):
         lines += [
             "",
