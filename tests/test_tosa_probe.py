@@ -26,7 +26,8 @@ def _moved_scales() -> tuple[torch.nn.Module, torch.fx.GraphModule, list[tuple[t
 
 def test_probe_outputs_leave_the_graph_s_values_unchanged() -> None:
     _, converted, batches = _moved_scales()
-    probed, names = _with_probe_outputs(converted)
+    probed, names, own = _with_probe_outputs(converted)
+    assert own == 1
     assert names == [n.name for n in _probe_nodes(converted)] and len(names) > 50
     with torch.no_grad():
         want = converted(*batches[0])

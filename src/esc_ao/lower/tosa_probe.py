@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -60,6 +61,9 @@ class ProbeReport:
     tolerance: int
     lower_seconds: float
     run_seconds: float
+    # probed tensors the program holds as one tensor with an earlier one (the backend
+    # removed the op between them, e.g. a dropout, or merged equal ops): "later = earlier"
+    shared: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "by_op": self.by_op()}
@@ -91,44 +95,25 @@ class ProbeReport:
         return sorted(rows, key=lambda r: (-r["own_max_lsb"], -r["acc_off"]))
 
 
-def _duplicates(gm: GraphModule) -> set[Node]:
-    """Nodes that repeat an earlier node's computation (same op on the same values): the
-    backend merges them (FuseDuplicateUsersPass), so the program has one tensor for both."""
-    from esc_ao.lower.ethosu import _freeze
-
-    canon: dict[Node, Node] = {}
-    seen: dict[Any, Node] = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        twin = seen.setdefault((n.target, _freeze(n.args, canon), _freeze(n.kwargs, canon)), n)
-        if twin is not n:
-            canon[n] = twin
-    return set(canon)
-
-
 def _probe_nodes(gm: GraphModule) -> list[Node]:
     """Every quantize node inside what the delegate will hold that the input reaches: not
     the one quantizing the input itself (the program's interface), nor those of constants
-    (LayerNorm's affine, folded tables), which the backend emits in an order of its own and
-    which cannot differ, nor repeats of an earlier one (the backend keeps one tensor)."""
+    (LayerNorm's affine, folded tables), which cannot differ."""
     live: set[Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder" or any(a in live for a in n.all_input_nodes):
             live.add(n)
-    repeats = _duplicates(gm)
     return [
         n
         for n in gm.graph.nodes
         if n.op == "call_function"
         and n.target == _Q
         and n in live
-        and n not in repeats
         and not (isinstance(n.args[0], Node) and n.args[0].op == "placeholder")
     ]
 
 
-def _with_probe_outputs(converted: GraphModule) -> tuple[GraphModule, list[str]]:
+def _with_probe_outputs(converted: GraphModule) -> tuple[GraphModule, list[str], int]:
     """A copy of ``converted`` whose outputs are its own followed by every probed quantize
     node's value, each through a dequantize of its own (outside the delegate: the delegate
     then outputs the integer tensor, and its ops are unchanged)."""
@@ -149,7 +134,7 @@ def _with_probe_outputs(converted: GraphModule) -> tuple[GraphModule, list[str]]
     out.args = ((*own_list, *extra),)
     gm.graph._codegen = torch.fx.graph.CodeGen()  # a flat tuple, not the original pytree
     gm.recompile()
-    return gm, [q.name for q in probes]
+    return gm, [q.name for q in probes], len(own_list)
 
 
 @contextlib.contextmanager
@@ -172,21 +157,37 @@ def _tosa_only() -> Iterator[list[bytes]]:
         backend.vela_compile = original
 
 
-def _lower_to_tosa(gm: GraphModule, example: tuple[torch.Tensor, ...], target: str) -> bytes:
+def _lower_to_tosa(
+    gm: GraphModule, example: tuple[torch.Tensor, ...], target: str, own_outputs: int
+) -> tuple[bytes, list[int]]:
+    """The TOSA program of ``gm`` and, for each output after the first ``own_outputs``,
+    the index of the delegate output it reads. Read from the lowered graph, not assumed:
+    the backend removes some ops (a dropout) and merges equal ones, so several probes may
+    read one delegate output and the delegate's outputs are not in the probes' order."""
     from executorch.backends.arm.ethosu import EthosUPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     from esc_ao.lower.ethosu import compile_spec
 
     with _tosa_only() as saved:
-        to_edge_transform_and_lower(
+        edge = to_edge_transform_and_lower(
             torch.export.export(gm, example),
             partitioner=[EthosUPartitioner(compile_spec(target))],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
     if len(saved) != 1:
         raise LoweringError(f"the probed program has {len(saved)} NPU delegates: the op probe needs exactly one")
-    return saved[0]
+    graph = edge.exported_program().graph_module.graph
+    outputs = next(n for n in graph.nodes if n.op == "output").args[0]
+    index = []
+    for node in list(outputs)[own_outputs:]:
+        item = node
+        while isinstance(item, Node) and item.target is not operator.getitem:
+            item = item.args[0] if item.args and isinstance(item.args[0], Node) else None  # through the dequantize
+        if not isinstance(item, Node):
+            raise LoweringError(f"probe output {node} does not read the delegate")
+        index.append(int(item.args[1]))  # type: ignore[arg-type]
+    return saved[0], index
 
 
 class _Replay(Interpreter):
@@ -234,8 +235,8 @@ def probe_on_tosa(
 
     _require()
     t0 = time.perf_counter()
-    probed, names = _with_probe_outputs(converted)
-    tosa = _lower_to_tosa(probed, example, target)
+    probed, names, own_outputs = _with_probe_outputs(converted)
+    tosa, index = _lower_to_tosa(probed, example, target, own_outputs)
     lower_s = time.perf_counter() - t0
     (in_s, in_zp, qmin, qmax), _ = _edge_qparams(converted)
     dtype = np.int16 if qmax > 127 else np.int8
@@ -248,23 +249,24 @@ def probe_on_tosa(
     with torch.no_grad():
         plain = _Replay(converted, None)
         plain.run(*example)
-    # The delegate's outputs come in graph order: the probed tensors, and the graph's own
-    # output's quantize (the last op) after them.
-    order = [n.name for n in converted.graph.nodes if n.name in set(names)]
-    if len(outs) < len(order):
-        raise LoweringError(f"the probed program has {len(outs)} outputs for {len(order)} probed tensors")
     program: dict[str, torch.Tensor] = {}
-    for name, arr in zip(order, outs):
+    for name, k in zip(names, index):
         ref = plain.values[name]
-        if arr.size != ref.numel():
-            raise LoweringError(f"probed output for {name} has {arr.size} elements, the graph's {ref.numel()}")
-        program[name] = torch.from_numpy(arr.astype(np.int64)).reshape(ref.shape)
+        if outs[k].size != ref.numel():
+            raise LoweringError(
+                f"delegate output {k} for {name} has {outs[k].size} elements, the graph's {ref.numel()}"
+            )
+        program[name] = torch.from_numpy(outs[k].astype(np.int64)).reshape(ref.shape)
+    first_reader: dict[int, str] = {}
+    shared = [
+        f"{n} = {first_reader.setdefault(k, n)}" for n, k in zip(names, index) if first_reader.setdefault(k, n) != n
+    ]
     with torch.no_grad():
         replay = _Replay(converted, program)
         replay.run(*example)
     nodes = {n.name: n for n in converted.graph.nodes}
     rows = []
-    for name in order:
+    for name in names:
         q = nodes[name]
         per_lsb = 256 if int(q.args[4]) > 127 else 1
         own = _lsb(replay.values[name], program[name], per_lsb)
@@ -282,7 +284,7 @@ def probe_on_tosa(
                 acc_off=float((acc > tolerance).float().mean()),
             )
         )
-    return ProbeReport(rows, tolerance, round(lower_s, 1), round(run_s, 2))
+    return ProbeReport(rows, tolerance, round(lower_s, 1), round(run_s, 2), shared)
 
 
 def probe_markdown(report: ProbeReport, limit: int = 12) -> str:
@@ -299,6 +301,14 @@ def probe_markdown(report: ProbeReport, limit: int = 12) -> str:
             f"| {r['op']} | {r['tensors']} | {r['own_max_lsb']} | {100 * r['own_off']:.3f} | "
             f"{r['acc_max_lsb']} | {100 * r['acc_off']:.2f} |"
         )
+    if report.shared:
+        lines += [
+            "",
+            f"{len(report.shared)} probed tensor(s) are one program tensor with an earlier one (the backend "
+            "removed or merged their op): "
+            + ", ".join(report.shared[:limit])
+            + (" ..." if len(report.shared) > limit else ""),
+        ]
     worst = sorted(report.ops, key=lambda o: (-o.own_max_lsb, -o.own_off))[:limit]
     lines += ["", "| tensor | op | own max LSB | own off % | accumulated mean / max LSB |", "|---|---|---|---|---|"]
     for o in worst:
