@@ -302,6 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--models", nargs="+", default=["ast", "conformer-ctc"], choices=["ast", "conformer-ctc"])
     bn.add_argument("--methods", nargs="+", default=["arm", "mse", "esc"], choices=["arm", "mse", "esc"])
     bn.add_argument("--target", default="ethos-u85-256", help="the Vela accelerator lowered for")
+    bn.add_argument("--a16w8", action="store_true", help="int16 activations (Arm's a16w8 configuration)")
     bn.add_argument("--calib-samples", type=int, default=100)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument(
@@ -586,6 +587,8 @@ def _npu_bench(args: argparse.Namespace) -> int:
     )
     if args.tosa_limit is not None:
         command += f" --tosa-limit {args.tosa_limit}"
+    if args.a16w8:
+        command += " --a16w8"
     run_npu_bench(
         args.models,
         args.methods,
@@ -596,6 +599,7 @@ def _npu_bench(args: argparse.Namespace) -> int:
         args.seed,
         args.tosa_limit,
         command,
+        args.a16w8,
     )
     return 0
 

@@ -2,10 +2,10 @@
 calibrations of its observers, Vela's figures, and task accuracy of the integer program on
 the TOSA reference model.
 
-    esc-ao bench npu [--models ast conformer-ctc] [--methods arm mse esc] [--target ethos-u85-256]
+    esc-ao bench npu [--models ast conformer-ctc] [--methods arm mse esc] [--target ethos-u85-256] [--a16w8]
 
-Per model and calibration: the graph is prepared by ``EthosUQuantizer`` (int8, per-channel
-weights) at batch 1 and observed on the calibration sample; then
+Per model and calibration: the graph is prepared by ``EthosUQuantizer`` (per-channel int8
+weights, int8 activations or int16 ones with ``--a16w8``) at batch 1 and observed on the calibration sample; then
 
 - ``arm``: Arm's own observers as they are (HistogramObserver activations): the stock flow;
 - ``mse``: esc-ao's local step on those observers (each scale fitted on its own);
@@ -167,12 +167,15 @@ def _outputs(forward: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tens
     return outs
 
 
-def run_case(m: NpuModel, method: str, target: str, work: Path, seed: int, tosa_limit: int | None) -> dict[str, Any]:
-    """One model and calibration on one accelerator: figures, checks and accuracies."""
+def run_case(
+    m: NpuModel, method: str, target: str, work: Path, seed: int, tosa_limit: int | None, a16w8: bool = False
+) -> dict[str, Any]:
+    """One model and calibration on one accelerator (int8 activations, or int16 with
+    ``a16w8``): figures, checks and accuracies."""
     from esc_ao.lower.ethosu import lower_ethosu, prepare_ethosu, vela_sweep
 
     t0 = time.perf_counter()
-    prepared = prepare_ethosu(m.model, m.calibration[0], target)
+    prepared = prepare_ethosu(m.model, m.calibration[0], target, a16w8=a16w8)
     observe(prepared, m.calibration)
     config = search_config(method, seed)
     search: dict[str, Any] = {}
@@ -196,7 +199,7 @@ def run_case(m: NpuModel, method: str, target: str, work: Path, seed: int, tosa_
         }
     calib_s = time.perf_counter() - t0
     converted = convert(prepared)
-    folder = work / m.name / method
+    folder = work / m.name / (f"{method}-a16w8" if a16w8 else method)
     lowered = lower_ethosu(converted, m.calibration[0], folder, target, reference=m.model)
     sweep = [
         row
@@ -221,6 +224,7 @@ def run_case(m: NpuModel, method: str, target: str, work: Path, seed: int, tosa_
         "model": m.name,
         "method": method,
         "target": target,
+        "activations": "int16" if a16w8 else "int8",
         "metric": m.metric,
         "notes": m.notes,
         "search": search,
@@ -241,10 +245,12 @@ def _pct(e: dict[str, Any] | None) -> str:
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        "# Speech models on an Arm Ethos-U NPU (Arm's quantizer, int8)",
+        "# Speech models on an Arm Ethos-U NPU (Arm's quantizer)",
         "",
-        f"Command: `{meta['command']}`; {meta['machine']}, torch {meta['torch']}, executorch {meta['executorch']}, "
-        f"{meta['n_calibration']} calibration utterances (seed {meta['seed']}).",
+        "Commands: "
+        + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", meta["command"]) for r in rows))
+        + f". {meta['machine']}, executorch {meta['executorch']}, {meta['n_calibration']} calibration utterances "
+        f"(seed {meta['seed']}).",
         "",
         "Calibrations: arm = Arm's own observers (HistogramObserver activations); mse = esc-ao's local step on "
         "them; esc = local step + staged CMA-ES on the task loss, kept only if it beats its start on held-out "
@@ -268,8 +274,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f" on the first {s['tosa_inputs']} (float {_pct(s['float_on_tosa_inputs'])}, "
                 f"graph {_pct(s['graph_on_tosa_inputs'])})"
             )
+        method = r["method"] + (" a16w8" if r.get("activations") == "int16" else "")
         lines.append(
-            f"| {r['model']} | {r['method']} | {_pct(s['float'])} | {_pct(s['graph'])} | {tosa} | "
+            f"| {r['model']} | {method} | {_pct(s['float'])} | {_pct(s['graph'])} | {tosa} | "
             f"{low['delegated_ops']} / {sum(low['cpu_ops'].values())} | "
             f"{sum(x['inference_ms'] for x in d):.2f} ({r['target']}) | "
             f"{max((x['sram_kib'] for x in d), default=0):.1f} | {within} | {db} |"
@@ -279,7 +286,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         for row in r["sweep"]:
             ms = f"{row['inference_ms']:.2f}" if "inference_ms" in row else row.get("error", "-")
-            lines.append(f"| {r['model']} | {r['method']} | {row['target']} | {ms} | {row.get('sram_kib', '-')} |")
+            sram = f"{row['sram_kib']:.1f}" if "sram_kib" in row else "-"
+            lines.append(f"| {r['model']} | {r['method']} | {row['target']} | {ms} | {sram} |")
     lines += ["", "Ops left on the CPU (beyond the input's quantize and the output's dequantize):", ""]
     for r in rows:
         rejected = r["lowered"]["rejected"]
@@ -300,6 +308,7 @@ def run_npu_bench(
     seed: int = 0,
     tosa_limit: int | None = None,
     command: str = "esc-ao bench npu",
+    a16w8: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs every model x calibration, writes ``npu.json`` / ``npu.md`` into ``out_dir``
     after each (a killed run keeps what finished; rows already there for the same model,
@@ -325,9 +334,11 @@ def run_npu_bench(
     for name in models:
         m = build_model(name, n_calibration, seed)
         for method in methods:
-            row = run_case(m, method, target, work, seed, tosa_limit)
+            row = {**run_case(m, method, target, work, seed, tosa_limit, a16w8), "command": command}
             print(json.dumps({k: row[k] for k in ("model", "method", "scores", "seconds")}), flush=True)
-            rows = [r for r in rows if (r["model"], r["method"], r["target"]) != (name, method, target)] + [row]
+            key = (name, method, target, row["activations"])
+            rows = [r for r in rows if (r["model"], r["method"], r["target"], r.get("activations", "int8")) != key]
+            rows.append(row)
             write_json_atomic(path, {"meta": meta, "rows": rows})
             write_text_atomic(out_dir / "npu.md", render(rows, meta))
     return rows
