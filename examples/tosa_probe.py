@@ -56,7 +56,7 @@ def main() -> None:
         f"{report.run_seconds:.1f} s.",
         "",
     ]
-    write_text_atomic(stem.with_suffix(".md"), "\n".join(header) + probe_markdown(report, 25))
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(header) + "\n" + probe_markdown(report, 25))
     print(f"{stem}.md: {len(report.ops)} tensors, own max {own_max} LSB, {len(report.faulty())} faulty")
 
 
