@@ -62,3 +62,12 @@ def test_bad_npu_bench_requests_are_usage_errors(capsys) -> None:
     assert "ethos-u85-256" in capsys.readouterr().err
     assert main(["bench", "npu", "--tosa-limit", "0"]) == 2
     assert "--tosa-limit 0: give a positive count" in capsys.readouterr().err
+
+
+def test_render_only_rewrites_the_table_from_its_json(tmp_path: Path, capsys) -> None:
+    assert main(["bench", "npu", "--render-only", "--out", str(tmp_path)]) == 2
+    assert "no results to render" in capsys.readouterr().err
+    meta = {"command": "c", "machine": "m", "torch": "t", "executorch": "e", "n_calibration": 1, "seed": 0}
+    (tmp_path / "npu.json").write_text(json.dumps({"meta": meta, "rows": []}))
+    assert main(["bench", "npu", "--render-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "npu.md").read_text().startswith("# Speech models on an Arm Ethos-U NPU")

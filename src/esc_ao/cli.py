@@ -310,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("--out", type=Path, default=Path("docs/results"))
     bn.add_argument("--work", type=Path, default=Path("esc_ao_out/npu"), help="where the programs go")
+    bn.add_argument("--render-only", action="store_true", help="rewrite npu.md from npu.json; compute nothing")
     c = sub.add_parser(
         "corpus", help="build (or verify) the offline corpora: TTS (asr, kws) and real speech (real-asr)"
     )
@@ -573,9 +574,12 @@ def _speed_bench(args: argparse.Namespace) -> int:
 
 
 def _npu_bench(args: argparse.Namespace) -> int:
-    from esc_ao.bench.npu import run_npu_bench
+    from esc_ao.bench.npu import rerender, run_npu_bench
     from esc_ao.lower.ethosu import check_accelerator
 
+    if args.render_only:
+        rerender(args.out)
+        return 0
     try:
         check_accelerator(args.target)
     except ValueError as exc:

@@ -42,7 +42,7 @@ from esc_ao.pipeline import Batch, convert, observe
 from esc_ao.search.calibrate import calibrate
 from esc_ao.search.objectives import CrossEntropy, CTCLoss, Objective
 
-__all__ = ["METHODS", "MODELS", "SWEEP", "NpuModel", "render", "run_npu_bench"]
+__all__ = ["METHODS", "MODELS", "SWEEP", "NpuModel", "render", "rerender", "run_npu_bench"]
 
 MODELS = ("ast", "conformer-ctc")
 METHODS = ("arm", "mse", "esc")
@@ -243,6 +243,10 @@ def _pct(e: dict[str, Any] | None) -> str:
     return f"{100 * e['value']:.2f} [{100 * e['ci95_low']:.2f}, {100 * e['ci95_high']:.2f}]"
 
 
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] + (" a16w8" if row.get("activations") == "int16" else "")
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Speech models on an Arm Ethos-U NPU (Arm's quantizer)",
@@ -274,9 +278,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f" on the first {s['tosa_inputs']} (float {_pct(s['float_on_tosa_inputs'])}, "
                 f"graph {_pct(s['graph_on_tosa_inputs'])})"
             )
-        method = r["method"] + (" a16w8" if r.get("activations") == "int16" else "")
         lines.append(
-            f"| {r['model']} | {method} | {_pct(s['float'])} | {_pct(s['graph'])} | {tosa} | "
+            f"| {r['model']} | {_label(r)} | {_pct(s['float'])} | {_pct(s['graph'])} | {tosa} | "
             f"{low['delegated_ops']} / {sum(low['cpu_ops'].values())} | "
             f"{sum(x['inference_ms'] for x in d):.2f} ({r['target']}) | "
             f"{max((x['sram_kib'] for x in d), default=0):.1f} | {within} | {db} |"
@@ -287,15 +290,24 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for row in r["sweep"]:
             ms = f"{row['inference_ms']:.2f}" if "inference_ms" in row else row.get("error", "-")
             sram = f"{row['sram_kib']:.1f}" if "sram_kib" in row else "-"
-            lines.append(f"| {r['model']} | {r['method']} | {row['target']} | {ms} | {sram} |")
+            lines.append(f"| {r['model']} | {_label(r)} | {row['target']} | {ms} | {sram} |")
     lines += ["", "Ops left on the CPU (beyond the input's quantize and the output's dequantize):", ""]
     for r in rows:
         rejected = r["lowered"]["rejected"]
         lines.append(
-            f"- {r['model']} / {r['method']}: "
+            f"- {r['model']} / {_label(r)}: "
             + (", ".join(f"{x['op']} ({x['reason']})" for x in rejected) if rejected else "none")
         )
     return "\n".join(lines) + "\n"
+
+
+def rerender(out_dir: Path) -> None:
+    """Rewrites ``npu.md`` from ``npu.json``."""
+    path = out_dir / "npu.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results to render; run esc-ao bench npu first")
+    data = json.loads(path.read_text())
+    write_text_atomic(out_dir / "npu.md", render(data["rows"], data["meta"]))
 
 
 def run_npu_bench(
