@@ -21,12 +21,10 @@ import torch
 
 from esc_ao.atomic import write_json_atomic, write_text_atomic
 from esc_ao.bench.machine import describe
-from esc_ao.bench.npu import METHODS, build_model, search_config
-from esc_ao.bench.tasks import holdout_split
+from esc_ao.bench.npu import METHODS, build_model, calibrate_as
 from esc_ao.lower.ethosu import prepare_ethosu
 from esc_ao.lower.tosa_probe import probe_markdown, probe_on_tosa
 from esc_ao.pipeline import convert, observe
-from esc_ao.search.calibrate import calibrate
 
 
 def main() -> None:
@@ -43,17 +41,7 @@ def main() -> None:
     m = build_model(args.model, args.calib_samples, args.seed)
     prepared = prepare_ethosu(m.model, m.calibration[0], args.target)
     observe(prepared, m.calibration)
-    config = search_config(args.method, args.seed)
-    if config is not None:
-        scored, held = holdout_split(len(m.calibration))
-        calibrate(
-            prepared,
-            [m.calibration[i] for i in scored],
-            objective=m.loss(scored),
-            config=config,
-            holdout=[m.calibration[i] for i in held],
-            holdout_objective=m.loss(held),
-        )
+    calibrate_as(prepared, m, args.method, args.seed)
     report = probe_on_tosa(convert(prepared), m.calibration[0], args.target)
     command = (
         f"python examples/tosa_probe.py --model {args.model} --calib-samples {args.calib_samples} "

@@ -143,6 +143,32 @@ def search_config(method: str, seed: int) -> SearchConfig | None:
     raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
 
 
+def calibrate_as(prepared: torch.fx.GraphModule, m: NpuModel, method: str, seed: int) -> dict[str, Any]:
+    """Calibrates an observed graph as ``method`` does (nothing for "arm"; the search on the
+    task loss with every fifth calibration batch held out otherwise); returns the search's
+    summary (empty for "arm")."""
+    config = search_config(method, seed)
+    if config is None:
+        return {}
+    scored, held = holdout_split(len(m.calibration))
+    result = calibrate(
+        prepared,
+        [m.calibration[i] for i in scored],
+        objective=m.loss(scored),
+        config=config,
+        holdout=[m.calibration[i] for i in held],
+        holdout_objective=m.loss(held),
+    )
+    return {
+        "scales": len(result.labels),
+        "objective_start": result.initial_objective,
+        "objective_final": result.final_objective,
+        "start": result.start,
+        "evaluations": result.evaluations,
+        "seconds": round(result.wall_seconds, 1),
+    }
+
+
 def run_tosa(tosa: bytes, converted: torch.fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     """The TOSA program's output for one float input, dequantized on the graph's output grid."""
     import tosa_reference_model as trm
@@ -177,26 +203,7 @@ def run_case(
     t0 = time.perf_counter()
     prepared = prepare_ethosu(m.model, m.calibration[0], target, a16w8=a16w8)
     observe(prepared, m.calibration)
-    config = search_config(method, seed)
-    search: dict[str, Any] = {}
-    if config is not None:
-        scored, held = holdout_split(len(m.calibration))
-        result = calibrate(
-            prepared,
-            [m.calibration[i] for i in scored],
-            objective=m.loss(scored),
-            config=config,
-            holdout=[m.calibration[i] for i in held],
-            holdout_objective=m.loss(held),
-        )
-        search = {
-            "scales": len(result.labels),
-            "objective_start": result.initial_objective,
-            "objective_final": result.final_objective,
-            "start": result.start,
-            "evaluations": result.evaluations,
-            "seconds": round(result.wall_seconds, 1),
-        }
+    search = calibrate_as(prepared, m, method, seed)
     calib_s = time.perf_counter() - t0
     converted = convert(prepared)
     folder = work / m.name / (f"{method}-a16w8" if a16w8 else method)
