@@ -467,6 +467,7 @@ def lower_ethosu(
     if len(figures) == 1:
         check = check_on_tosa(Path(figures[0].tosa), converted, example, reference)
         if refusal := _refusal(check, max_loss_db):
+            pte.unlink(missing_ok=True)  # a refused program is not left behind as if it worked
             raise LoweringError(
                 f"{refusal}: not written as a working program; "
                 "esc_ao.lower.tosa_probe.probe_on_tosa compares every quantized tensor and names the op"
