@@ -26,6 +26,7 @@ from esc_ao.lower.ethosu import (
     prepare_ethosu,
     vela_sweep,
 )
+from esc_ao.lower.executorch import LoweringError
 from esc_ao.pipeline import convert
 from esc_ao.search.space import SearchableObserver, find_scale_dims
 
@@ -196,3 +197,14 @@ def test_a_program_is_refused_for_lost_accuracy_not_for_rounding_that_accumulate
     # without the float model, the LSB rule decides
     assert _refusal(_check(1e-4, None, None), 3.0) == ""
     assert "more than 2 LSB on 1.00 %" in _refusal(_check(0.01, None, None), 3.0)
+
+
+@pytest.mark.slow
+def test_a_program_that_lost_accuracy_is_refused_and_not_left_behind(tmp_path: Path, monkeypatch) -> None:
+    import esc_ao.lower.ethosu as ethosu
+
+    model, prepared, batches = _prepared()
+    monkeypatch.setattr(ethosu, "check_on_tosa", lambda *a: _check(0.0, 5.0, 30.0))
+    with pytest.raises(LoweringError, match="5.00 dB from float where the converted graph is 30.00 dB"):
+        lower_ethosu(convert(prepared), batches[0], tmp_path, "ethos-u85-256", reference=model)
+    assert not (tmp_path / "model.pte").exists()
