@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ethosu import _prepared
+from test_ethosu import _data, _prepared
 
 from esc_ao.lower import ethosu
 from esc_ao.lower.ethosu import lower_ethosu, tie_duplicate_observers
+from esc_ao.lower.executorch import LoweringError
 from esc_ao.lower.tosa_probe import _probe_nodes, _with_probe_outputs, probe_markdown, probe_on_tosa
 from esc_ao.pipeline import convert
 from esc_ao.search.space import find_scale_dims
@@ -91,3 +92,10 @@ def test_an_op_off_on_its_own_is_named(monkeypatch) -> None:
     report = probe_on_tosa(converted, batches[0], "ethos-u85-256")
     assert report.faulty() and report.faulty()[0].node == target
     assert report.faulty()[0].own_max_lsb >= 7 - 1  # int8 saturation may clip the +7 here and there
+
+
+def test_a_graph_without_quantized_tensors_is_refused_before_lowering() -> None:
+    model, batches = _data(1)
+    float_graph = torch.export.export(model, batches[0]).module()
+    with pytest.raises(LoweringError, match="no quantized tensor to probe: pass the converted graph"):
+        probe_on_tosa(float_graph, batches[0], "ethos-u85-256")

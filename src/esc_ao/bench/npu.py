@@ -40,7 +40,7 @@ from esc_ao.config import SearchConfig
 from esc_ao.metrics import Estimate, accuracy, wer
 from esc_ao.pipeline import Batch, convert, observe
 from esc_ao.search.calibrate import calibrate
-from esc_ao.search.objectives import CrossEntropy, CTCLoss, Objective
+from esc_ao.search.objectives import CrossEntropy, CTCLoss, Objective, first_tensor
 
 __all__ = ["METHODS", "MODELS", "SWEEP", "NpuModel", "render", "rerender", "run_npu_bench"]
 
@@ -169,28 +169,19 @@ def calibrate_as(prepared: torch.fx.GraphModule, m: NpuModel, method: str, seed:
     }
 
 
-def run_tosa(tosa: bytes, converted: torch.fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    """The TOSA program's output for one float input, dequantized on the graph's output grid."""
-    import tosa_reference_model as trm
-
-    from esc_ao.lower.ethosu import _edge_qparams
-
-    (in_s, in_zp, qmin, qmax), (out_s, out_zp) = _edge_qparams(converted)
-    dtype = np.int16 if qmax > 127 else np.int8
-    xq = torch.clamp(torch.round(x / in_s) + in_zp, qmin, qmax).to(torch.int64).numpy().astype(dtype)
-    outs, status = trm.run(tosa, [xq])
-    if "VALID" not in str(status):
-        raise RuntimeError(f"the TOSA reference model refused the program: {status}")
-    return (torch.from_numpy(outs[0].astype(np.int64)).float() - out_zp) * out_s
-
-
 def _outputs(forward: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    outs = []
     with torch.no_grad():
-        for x in inputs:
-            y = forward(x)
-            outs.append((y[0] if isinstance(y, (list, tuple)) else y).detach())
-    return outs
+        return [first_tensor(forward(x)).detach() for x in inputs]
+
+
+def _tosa_outputs(tosa: bytes, converted: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The TOSA program's outputs for float inputs, dequantized on the graph's output grid."""
+    from esc_ao.lower.ethosu import _edge_qparams, run_tosa_program
+
+    grid, (out_s, out_zp) = _edge_qparams(converted)
+    return [
+        (torch.from_numpy(run_tosa_program(tosa, x, grid)[0].astype(np.int64)).float() - out_zp) * out_s for x in inputs
+    ]
 
 
 def run_case(
@@ -221,7 +212,7 @@ def run_case(
     }
     if len(lowered.delegates) == 1:
         tosa = Path(lowered.delegates[0].tosa).read_bytes()
-        tosa_outs = [run_tosa(tosa, converted, x) for x in m.test[:n_tosa]]
+        tosa_outs = _tosa_outputs(tosa, converted, m.test[:n_tosa])
         scores["tosa"] = m.score(tosa_outs).as_dict()
         scores["tosa_inputs"] = n_tosa
         if n_tosa < len(m.test):  # float and graph on the same inputs, for a like-for-like row

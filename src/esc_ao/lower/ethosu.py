@@ -46,6 +46,7 @@ __all__ = [
     "check_accelerator",
     "lower_ethosu",
     "prepare_ethosu",
+    "run_tosa_program",
     "tie_duplicate_observers",
     "vela_sweep",
 ]
@@ -351,30 +352,38 @@ def _edge_qparams(converted: GraphModule) -> tuple[tuple[float, int, int, int], 
     return (float(qa[1]), int(qa[2]), int(qa[3]), int(qa[4])), (float(da[1]), int(da[2]))
 
 
+def run_tosa_program(tosa: bytes, x: torch.Tensor, grid: tuple[float, int, int, int]) -> list[np.ndarray]:
+    """The TOSA reference model's outputs (integers) for the float input ``x``, quantized
+    on ``grid`` (scale, zero point, qmin, qmax: the program's input quantize, from
+    ``_edge_qparams``)."""
+    import tosa_reference_model as trm
+
+    scale, zero_point, qmin, qmax = grid
+    dtype = np.int16 if qmax > 127 else np.int8
+    xq = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64).numpy().astype(dtype)
+    outs, status = trm.run(tosa, [xq])
+    if "VALID" not in str(status):
+        raise LoweringError(f"the TOSA reference model refused the program: {status}")
+    return list(outs)
+
+
 def check_on_tosa(
     tosa: Path, converted: GraphModule, example: tuple[torch.Tensor, ...], reference: torch.nn.Module | None
 ) -> TosaCheck:
     """Runs the TOSA program on the reference model and compares it with the converted
     graph on the graph's output grid."""
-    import tosa_reference_model as trm
-
-    (in_s, in_zp, qmin, qmax), (out_s, out_zp) = _edge_qparams(converted)
-    dtype = np.int16 if qmax > 127 else np.int8
-    x = example[0]
-    xq = torch.clamp(torch.round(x / in_s) + in_zp, qmin, qmax).to(torch.int64).numpy().astype(dtype)
+    grid, (out_s, out_zp) = _edge_qparams(converted)
     with torch.no_grad():
         graph_out = converted(*example)
         graph_out = graph_out[0] if isinstance(graph_out, (list, tuple)) else graph_out
         float_out = reference(*example) if reference is not None else None
         float_out = float_out[0] if isinstance(float_out, (list, tuple)) else float_out
     t0 = time.perf_counter()
-    outs, status = trm.run(tosa.read_bytes(), [xq])
+    outs = run_tosa_program(tosa.read_bytes(), example[0], grid)
     ms = 1000 * (time.perf_counter() - t0)
-    if "VALID" not in str(status):
-        raise LoweringError(f"the TOSA reference model refused {tosa}: {status}")
     tosa_q = torch.from_numpy(outs[0].astype(np.int64)).reshape(graph_out.shape)
     graph_q = torch.round(graph_out / out_s).to(torch.int64) + out_zp
-    per_lsb = 256 if dtype == np.int16 else 1  # compare int16 outputs on the int8 grid
+    per_lsb = 256 if grid[3] > 127 else 1  # compare int16 outputs on the int8 grid
     diff = (tosa_q - graph_q).abs() // per_lsb
     tosa_f = (tosa_q - out_zp).float() * out_s
     return TosaCheck(

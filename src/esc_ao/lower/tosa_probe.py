@@ -119,6 +119,11 @@ def _with_probe_outputs(converted: GraphModule) -> tuple[GraphModule, list[str],
     then outputs the integer tensor, and its ops are unchanged)."""
     gm = copy.deepcopy(converted)
     probes = _probe_nodes(gm)
+    if not probes:
+        raise LoweringError(
+            "the graph has no quantized tensor to probe: pass the converted graph (prepare_ethosu, the "
+            "calibration batches, then convert), not a float or only prepared one"
+        )
     out = next(n for n in gm.graph.nodes if n.op == "output")
     extra = []
     for q in probes:
@@ -191,8 +196,8 @@ def _lower_to_tosa(
 
 
 class _Replay(Interpreter):
-    """Runs the graph; with ``program`` given, each probed quantize node's result is
-    compared with the program's value and replaced by it."""
+    """Runs the graph and keeps each probed quantize node's result in ``values``; with
+    ``program`` given, what later ops read is the program's value instead."""
 
     def __init__(self, gm: GraphModule, program: dict[str, torch.Tensor] | None) -> None:
         super().__init__(gm)
@@ -229,23 +234,16 @@ def probe_on_tosa(
     converted) to one TOSA program with every quantized tensor as an output, runs it on the
     TOSA reference model with ``example`` and returns each tensor's own and accumulated
     difference from the graph."""
-    import tosa_reference_model as trm
-
-    from esc_ao.lower.ethosu import _edge_qparams, _require
+    from esc_ao.lower.ethosu import _edge_qparams, _require, run_tosa_program
 
     _require()
     t0 = time.perf_counter()
     probed, names, own_outputs = _with_probe_outputs(converted)
     tosa, index = _lower_to_tosa(probed, example, target, own_outputs)
     lower_s = time.perf_counter() - t0
-    (in_s, in_zp, qmin, qmax), _ = _edge_qparams(converted)
-    dtype = np.int16 if qmax > 127 else np.int8
-    xq = torch.clamp(torch.round(example[0] / in_s) + in_zp, qmin, qmax).to(torch.int64).numpy().astype(dtype)
     t1 = time.perf_counter()
-    outs, status = trm.run(tosa, [xq])
+    outs = run_tosa_program(tosa, example[0], _edge_qparams(converted)[0])
     run_s = time.perf_counter() - t1
-    if "VALID" not in str(status):
-        raise LoweringError(f"the TOSA reference model refused the probed program: {status}")
     with torch.no_grad():
         plain = _Replay(converted, None)
         plain.run(*example)
@@ -258,9 +256,10 @@ def probe_on_tosa(
             )
         program[name] = torch.from_numpy(outs[k].astype(np.int64)).reshape(ref.shape)
     first_reader: dict[int, str] = {}
-    shared = [
-        f"{n} = {first_reader.setdefault(k, n)}" for n, k in zip(names, index) if first_reader.setdefault(k, n) != n
-    ]
+    shared = []
+    for name, k in zip(names, index):
+        if first_reader.setdefault(k, name) != name:
+            shared.append(f"{name} = {first_reader[k]}")
     with torch.no_grad():
         replay = _Replay(converted, program)
         replay.run(*example)
